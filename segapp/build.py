@@ -1,0 +1,145 @@
+"""Registry: preset name or weights directory -> (SegLLM, tokenizer, config).
+
+A weights directory holds config.json (ModelConfig fields), model.safetensors and tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
+
+from segapp.config import MODEL_PRESETS, ModelConfig
+from segapp.errors import ModelError
+from segapp.modeling.builders import (
+    build_llm,
+    build_projector,
+    build_sam,
+    build_text_hidden_fcs,
+    build_vision_tower,
+    init_weights_,
+)
+from segapp.modeling.segllm import SegLLM
+from segapp.tokenizer import ChatFormat, load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights_root() -> Path:
+    """Where bundled and fetched weights live (SEGAPP_WEIGHTS overrides the repo's weights/)."""
+    return Path(os.environ.get("SEGAPP_WEIGHTS", REPO_ROOT / "weights"))
+
+
+@dataclass
+class Bundle:
+    """A built model with everything needed to talk to it."""
+
+    model: SegLLM
+    tokenizer: PreTrainedTokenizerFast
+    config: ModelConfig
+    chat: ChatFormat
+    source: str  # preset name or directory it came from
+
+
+def image_token_count(cfg: ModelConfig) -> int:
+    return (cfg.vision_image_size // cfg.vision_patch) ** 2
+
+
+def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM:
+    """The one construction path for tiny and real models (random init)."""
+    if len(tokenizer) > cfg.vocab_size:
+        raise ModelError(f"tokenizer has {len(tokenizer)} tokens, config allows {cfg.vocab_size}")
+    projector, fcs = build_projector(cfg), build_text_hidden_fcs(cfg)
+    init_weights_(projector)
+    init_weights_(fcs)
+    chat = ChatFormat(tokenizer, image_token_count(cfg))
+    return SegLLM(
+        vision_tower=build_vision_tower(cfg),
+        projector=projector,
+        llm=build_llm(cfg),
+        text_hidden_fcs=fcs,
+        sam=build_sam(cfg),
+        image_token_id=chat.image_id,
+        seg_token_id=chat.seg_id,
+        eos_token_id=chat.eos_id,
+    )
+
+
+def save_bundle(model: SegLLM, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, out: Path) -> None:
+    """Write config.json, model.safetensors, tokenizer.json (each atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied LM head shares storage with the embedding: store it once
+    state.pop("llm.lm_head.weight", None)
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "segapp": "SegLLM"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json.tmp").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(out / "config.json.tmp", out / "config.json")
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
+    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+
+
+def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundle:
+    """Load a weights directory; every parameter must be present with the right shape."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (directory / name).is_file():
+            raise ModelError(f"missing {name}", str(directory))
+    try:
+        cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ModelError(f"unreadable config.json: {exc}", str(directory)) from None
+    tokenizer = load_tokenizer(directory)
+    model = build_segllm(cfg, tokenizer)
+    state = load_file(str(directory / "model.safetensors"))
+    expected = model.state_dict()
+    expected.pop("llm.lm_head.weight", None)
+    for key, value in expected.items():
+        if key not in state:
+            raise ModelError(f"checkpoint is missing parameter {key}", str(directory))
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ModelError(
+                f"parameter {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}",
+                str(directory),
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ModelError(f"unexpected parameter {unexpected[0]} in checkpoint", str(directory))
+    model.load_state_dict(state, strict=False)
+    model.llm.tie_weights()
+    model.to(device).eval()
+    return Bundle(model, tokenizer, cfg, ChatFormat(tokenizer, image_token_count(cfg)), str(directory))
+
+
+def _preset_loader(name: str) -> Callable[..., Bundle]:
+    def load(device: str | torch.device = "cpu") -> Bundle:
+        directory = weights_root() / name
+        if not directory.is_dir():
+            raise ModelError(
+                f"weights for preset {name!r} not found; train them with `segapp train`",
+                str(directory),
+            )
+        return load_bundle(directory, device=device)
+
+    return load
+
+
+# preset name -> loader; keys are the CLI's --model choices
+MODEL_REGISTRY: dict[str, Callable[..., Bundle]] = {name: _preset_loader(name) for name in MODEL_PRESETS}
+
+
+def load_model(name_or_dir: str, *, device: str | torch.device = "cpu") -> Bundle:
+    """A preset name (see MODEL_REGISTRY) or a path to a weights directory."""
+    if name_or_dir in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name_or_dir](device=device)
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return load_bundle(path, device=device)
+    choices = ", ".join(sorted(MODEL_REGISTRY))
+    raise ModelError(f"unknown model {name_or_dir!r}: use one of {choices} or a weights directory")

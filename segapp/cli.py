@@ -1,0 +1,197 @@
+"""`segapp` command line. Each command is a small function over the library API.
+
+Errors: one line `error: <what> (<where>)` on stderr; exit 2 for bad input, 1 for an internal
+failure; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from segapp.errors import InputError, SegappError
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no CUDA device is available", "--device")
+    return name
+
+
+# ---- commands ------------------------------------------------------------------------------
+def cmd_segment(args: argparse.Namespace) -> int:
+    from segapp.export import overlay, save_png
+    from segapp.images import check_instruction, load_image
+    from segapp.predictor import Segmenter
+
+    instruction = check_instruction(args.instruction)
+    image = load_image(args.image, max_pixels=args.max_pixels)
+    segmenter = Segmenter.from_pretrained(args.model, device=pick_device(args.device))
+    result = segmenter.segment(image, instruction)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    for i, m in enumerate(result.masks):
+        save_png(out / f"{stem}_mask_{i}.png", m.mask)
+    labels = [f"{m.label} {m.score:.2f}" for m in result.masks]
+    save_png(out / f"{stem}_overlay.png", overlay(image, [m.mask for m in result.masks], labels))
+    record = result.to_dict(image=str(args.image))
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"answer: {result.answer}")
+        for i, m in enumerate(record["masks"]):
+            print(f"  mask {i}: {m['label']!r} score={m['score']:.2f} bbox={m['bbox']} area={m['area']}")
+        print(f"wrote {len(result.masks)} mask(s) and an overlay to {out}/")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from segapp.evaluate import evaluate_reason
+
+    summary = evaluate_reason(
+        args.model,
+        split=args.split,
+        data=Path(args.data) if args.data else None,
+        limit=args.limit,
+        device=pick_device(args.device),
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from segapp.benchmarks import bench_image
+
+    print(json.dumps(bench_image(args.model, sam=args.sam, repeats=args.repeats), indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segapp.config import MODEL_PRESETS, TrainConfig
+    from segapp.train import train
+
+    tcfg = TrainConfig()
+    changes = {k: getattr(args, k) for k in ("steps", "sam_warmup_steps", "threads", "workers", "seed")}
+    tcfg = tcfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    last = train(
+        Path(args.out),
+        model_cfg=MODEL_PRESETS[args.preset],
+        train_cfg=tcfg,
+        resume=not args.no_resume,
+        device=pick_device(args.device),
+    )
+    print(json.dumps({"out": args.out, **last}))
+    return 0
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from segapp.data.reasonseg import write_split
+
+    n = write_split(Path(args.out), args.split, args.n)
+    print(f"wrote {n} samples of split {args.split!r} to {args.out}")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segapp", description="Reason, then segment.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="tiny", help="preset name or weights directory")
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+    s = sub.add_parser("segment", help="segment one image from an instruction")
+    s.add_argument("image")
+    s.add_argument("instruction")
+    model_args(s)
+    s.add_argument("--out-dir", default="out", help="where masks and the overlay go (default out/)")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    s.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
+    s.set_defaults(func=cmd_segment)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="suite", required=True)
+    r = esub.add_parser("reason", help="gIoU / cIoU on a ReasonSeg-format split")
+    model_args(r)
+    r.add_argument("--split", default="test", choices=["train", "val", "test"])
+    r.add_argument("--data", help="a ReasonSeg-format directory instead of the synthetic split")
+    r.add_argument("--limit", type=int, default=700, help="samples of the synthetic split")
+    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="speed benchmarks (JSON with same-run ratios)")
+    bsub = b.add_subparsers(dest="suite", required=True)
+    bi = bsub.add_parser("image", help="cold (set_image + predict) vs warm (predict) call")
+    bi.add_argument("--model", default="tiny")
+    bi.add_argument("--sam", default=None, choices=["vit_b", "vit_l", "vit_h"],
+                    help="swap in segment_anything's real encoder size (random weights) for timing")
+    bi.add_argument("--repeats", type=int, default=3)
+    bi.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train a preset from scratch on the synthetic world")
+    t.add_argument("--preset", default="tiny", choices=["tiny"])
+    t.add_argument("--out", default="runs/tiny")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--sam-warmup-steps", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--workers", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="synthetic datasets")
+    dsub = d.add_subparsers(dest="action", required=True)
+    g = dsub.add_parser("generate", help="write a split in ReasonSeg format")
+    g.add_argument("--split", default="test", choices=["train", "val", "test"])
+    g.add_argument("--n", type=int, default=200)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_data_generate)
+    return p
+
+
+def run(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return int(args.func(args))
+    except SegappError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory (try a smaller image)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the CLI turns anything else into one line
+        if args.debug:
+            raise
+        print(f"error: internal failure: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Frozen configuration dataclasses and named presets.
+
+Every field carries its help string in ``metadata["help"]`` so the CLI and docs can show it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a SegLLM: vision tower -> projector -> causal LM -> [SEG] head -> SAM."""
+
+    name: str = _f("tiny", "preset name this config was made from")
+    # vision tower (CLIP ViT) seen by the LLM
+    vision_image_size: int = _f(128, "square input size of the vision tower, pixels")
+    vision_patch: int = _f(16, "vision tower patch size; tokens = (size / patch)^2")
+    vision_hidden: int = _f(128, "vision tower width")
+    vision_layers: int = _f(2, "vision tower depth")
+    vision_heads: int = _f(4, "vision tower attention heads")
+    vision_mlp: int = _f(256, "vision tower MLP width")
+    # causal LM
+    vocab_size: int = _f(1024, "tokenizer vocabulary size, special tokens included")
+    llm_hidden: int = _f(192, "LLM width")
+    llm_layers: int = _f(4, "LLM depth")
+    llm_heads: int = _f(4, "LLM attention heads")
+    llm_mlp: int = _f(512, "LLM MLP width")
+    max_positions: int = _f(256, "longest sequence the LLM accepts (image tokens included)")
+    # SAM
+    sam_image_size: int = _f(128, "SAM input size (ResizeLongestSide + pad), pixels")
+    sam_patch: int = _f(8, "SAM encoder patch size; embedding grid = size / patch")
+    sam_encoder_dim: int = _f(96, "SAM image encoder width")
+    sam_encoder_depth: int = _f(3, "SAM image encoder depth")
+    sam_encoder_heads: int = _f(4, "SAM image encoder heads")
+    prompt_dim: int = _f(64, "SAM prompt / mask decoder width (256 for real SAM)")
+    decoder_depth: int = _f(2, "two-way transformer depth in SAM's mask decoder")
+    decoder_mlp: int = _f(256, "two-way transformer MLP width")
+    sam_variant: str = _f("tiny", "'tiny' (trained here) or 'vit_b' / 'vit_l' / 'vit_h'")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            from segapp.errors import ModelError
+
+            raise ModelError(f"unknown model config fields {unknown}", "config.json")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Schedule of `segapp train` (two stages: SAM warm-up on point prompts, then joint)."""
+
+    steps: int = _f(3000, "joint-stage optimisation steps")
+    sam_warmup_steps: int = _f(600, "stage-1 steps training SAM alone from point prompts")
+    images_per_batch: int = _f(8, "scenes per step; image encoders run once per scene")
+    queries_per_image: int = _f(3, "instructions per scene (LISA-style several conversations)")
+    lr: float = _f(2e-3, "peak AdamW learning rate")
+    warmup: int = _f(100, "linear warm-up steps of each stage")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
+    ce_weight: float = _f(1.0, "text cross-entropy weight")
+    bce_weight: float = _f(2.0, "per-pixel BCE weight")
+    dice_weight: float = _f(0.5, "Dice weight")
+    iou_weight: float = _f(1.0, "weight of SAM's IoU head regression (mask score)")
+    grad_clip: float = _f(1.0, "gradient norm clip")
+    seed: int = _f(0, "random seed (data and init)")
+    threads: int = _f(0, "torch CPU threads; 0 = all cores")
+    workers: int = _f(1, "data-generating worker processes")
+    checkpoint_every: int = _f(250, "steps between resumable checkpoints")
+    log_every: int = _f(25, "steps between loss-log lines")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+}

@@ -1,0 +1,118 @@
+"""Training batches from the synthetic world: several instructions per scene, tensors ready.
+
+A batch holds B scenes and Q = B * queries_per_image conversations. `[SEG]` targets are listed
+in the order their `[SEG]` tokens occur (row-major over the Q x L ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from segapp.config import ModelConfig
+from segapp.data.instructions import make_queries
+from segapp.data.world import generate_scene
+from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
+from segapp.tokenizer import ChatFormat
+
+
+@dataclass
+class TrainBatch:
+    sam_pixels: torch.Tensor  # B x 3 x S x S
+    vision_pixels: torch.Tensor  # B x 3 x V x V
+    input_ids: torch.Tensor  # Q x L
+    attention_mask: torch.Tensor  # Q x L
+    labels: torch.Tensor  # Q x L, -100 outside the answer
+    query_image: torch.Tensor  # Q, index of each query's scene
+    seg_masks: torch.Tensor  # M x S x S targets in the SAM frame
+    seg_query: torch.Tensor  # M, query index of each [SEG]
+    point_xy: torch.Tensor  # P x 2 interior points (SAM frame) for point-prompt supervision
+    point_image: torch.Tensor  # P
+    point_masks: torch.Tensor  # P x S x S
+    kinds: list[str]
+
+
+def interior_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A random (x, y) well inside a bool mask (distance to the edge >= 40% of the maximum)."""
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    ys, xs = np.nonzero(dist >= 0.4 * dist.max())
+    i = int(rng.integers(len(xs)))
+    return float(xs[i]) + 0.5, float(ys[i]) + 0.5
+
+
+def make_batch(
+    rng: np.random.Generator,
+    chat: ChatFormat,
+    cfg: ModelConfig,
+    *,
+    images: int,
+    queries_per_image: int,
+    split: str = "train",
+    points_per_image: int = 3,
+) -> TrainBatch:
+    sam_px, vis_px, rows, masks, seg_query, kinds = [], [], [], [], [], []
+    query_image, pts, pt_img, pt_masks = [], [], [], []
+    for b in range(images):
+        scene = generate_scene(rng, split)
+        sam_px.append(sam_tensor(scene.image, cfg.sam_image_size)[0])
+        vis_px.append(vision_tensor(scene.image, cfg.vision_image_size)[0])
+        scale = cfg.sam_image_size / max(scene.image.shape[:2])
+        order = rng.permutation(len(scene.objects))[:points_per_image]
+        for k in order:
+            x, y = interior_point(scene.masks[k], rng)
+            pts.append((x * scale, y * scale))
+            pt_img.append(b)
+        pt_masks.append(mask_tensor(scene.masks[order], cfg.sam_image_size))
+        for q in make_queries(scene, rng, queries_per_image, split):
+            prompt, answer = chat.prompt_ids(q.instruction), chat.answer_ids(q.answer)
+            rows.append((prompt, answer))
+            query_image.append(b)
+            kinds.append(q.kind)
+            if q.targets:
+                masks.append(mask_tensor(scene.masks[list(q.targets)], cfg.sam_image_size))
+                seg_query.extend([len(rows) - 1] * len(q.targets))
+    length = max(len(p) + len(a) for p, a in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attn = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        labels[i, len(p) : n] = torch.tensor(a)
+        attn[i, :n] = 1
+    size = cfg.sam_image_size
+    return TrainBatch(
+        sam_pixels=torch.stack(sam_px),
+        vision_pixels=torch.stack(vis_px),
+        input_ids=ids,
+        attention_mask=attn,
+        labels=labels,
+        query_image=torch.tensor(query_image),
+        seg_masks=torch.cat(masks) if masks else torch.zeros(0, size, size),
+        seg_query=torch.tensor(seg_query, dtype=torch.long),
+        point_xy=torch.tensor(pts, dtype=torch.float32).reshape(-1, 2),
+        point_image=torch.tensor(pt_img, dtype=torch.long),
+        point_masks=torch.cat(pt_masks),
+        kinds=kinds,
+    )
+
+
+class BatchStream(IterableDataset):
+    """Endless stream of TrainBatch; each worker draws from its own seeded generator."""
+
+    def __init__(self, chat: ChatFormat, cfg: ModelConfig, *, seed: int, start: int, **kwargs) -> None:
+        self.chat, self.cfg, self.seed, self.start, self.kwargs = chat, cfg, seed, start, kwargs
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start + wid
+        while True:
+            rng = np.random.default_rng([self.seed, step])
+            yield make_batch(rng, self.chat, self.cfg, **self.kwargs)
+            step += nw

@@ -1,0 +1,151 @@
+"""Builders: ModelConfig -> the parts SegLLM is assembled from.
+
+Hyperparameters live here and in `segapp.config`; the modules themselves take built parts.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from segapp.config import ModelConfig
+
+# segment_anything's published encoder sizes: (embed_dim, depth, heads, global_attn_indexes)
+SAM_VIT_SIZES: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def build_vision_tower(cfg: ModelConfig) -> CLIPVisionModel:
+    """A CLIP ViT; its patch tokens (CLS dropped) are what the LLM sees."""
+    return CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=cfg.vision_image_size,
+            patch_size=cfg.vision_patch,
+            hidden_size=cfg.vision_hidden,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            intermediate_size=cfg.vision_mlp,
+        )
+    )
+
+
+def build_projector(cfg: ModelConfig) -> nn.Sequential:
+    """LLaVA-1.5 style two-layer MLP from vision width to LLM width."""
+    return nn.Sequential(
+        nn.Linear(cfg.vision_hidden, cfg.llm_hidden),
+        nn.GELU(),
+        nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
+    )
+
+
+def build_llm(cfg: ModelConfig) -> LlamaForCausalLM:
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.llm_hidden,
+            intermediate_size=cfg.llm_mlp,
+            num_hidden_layers=cfg.llm_layers,
+            num_attention_heads=cfg.llm_heads,
+            num_key_value_heads=cfg.llm_heads,
+            max_position_embeddings=cfg.max_positions,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
+def build_text_hidden_fcs(cfg: ModelConfig) -> nn.Sequential:
+    """LISA's [SEG] head: Linear(H, H) -> ReLU -> Linear(H, prompt_dim)."""
+    return nn.Sequential(
+        nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(cfg.llm_hidden, cfg.prompt_dim),
+    )
+
+
+def build_sam(cfg: ModelConfig) -> Sam:
+    """segment_anything's own Sam, at tiny size or at a published ViT size (random init)."""
+    if cfg.sam_variant == "tiny":
+        dim, depth, heads = cfg.sam_encoder_dim, cfg.sam_encoder_depth, cfg.sam_encoder_heads
+        img_size, patch, window, global_idx = cfg.sam_image_size, cfg.sam_patch, 0, ()
+        prompt_dim, rel_pos = cfg.prompt_dim, False
+    elif cfg.sam_variant in SAM_VIT_SIZES:
+        dim, depth, heads, global_idx = SAM_VIT_SIZES[cfg.sam_variant]
+        img_size, patch, window, prompt_dim, rel_pos = 1024, 16, 14, 256, True
+    else:
+        from segapp.errors import ModelError
+
+        raise ModelError(f"unknown SAM variant {cfg.sam_variant!r}", "ModelConfig.sam_variant")
+    grid = img_size // patch
+    encoder = ImageEncoderViT(
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        out_chans=prompt_dim,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        qkv_bias=True,
+        use_rel_pos=rel_pos,
+        window_size=window,
+        global_attn_indexes=global_idx,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    tiny = cfg.sam_variant == "tiny"
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=cfg.decoder_depth if tiny else 2,
+            embedding_dim=prompt_dim,
+            mlp_dim=cfg.decoder_mlp if tiny else 2048,
+            num_heads=cfg.sam_encoder_heads if tiny else 8,
+        ),
+        transformer_dim=prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=prompt_dim if tiny else 256,
+    )
+    return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def init_weights_(module: nn.Module, std: float = 0.02) -> None:
+    """Small normal init for freshly built linear layers (the [SEG] head, projector)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+__all__ = [
+    "build_vision_tower",
+    "build_projector",
+    "build_llm",
+    "build_text_hidden_fcs",
+    "build_sam",
+    "count_parameters",
+    "init_weights_",
+]

@@ -1,0 +1,161 @@
+"""SegLLM: a multimodal causal LM whose `[SEG]` hidden states prompt SAM's mask decoder.
+
+Data flow (shapes for B images, Q sequences, M `[SEG]` tokens):
+  vision pixels B x 3 x V x V -> vision tower -> projector -> B x N x H image tokens
+  input ids Q x L with N `<image>` slots each -> token embeddings with image tokens spliced in
+  -> causal LM -> last-layer hidden states Q x L x H
+  hidden state that predicts each `[SEG]` (LISA's convention) -> text_hidden_fcs -> M x D
+  SAM pixels B x 3 x S x S -> SAM image encoder -> B x D x h x w (cached per image)
+  each M x D prompt -> segment_anything's MaskDecoder as sparse_prompt_embeddings M x 1 x D,
+  dense prompt = no_mask_embed -> M x 1 x 4h x 4w mask logits (+ an IoU score each).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class Generation:
+    """Greedy decoding output for one sequence."""
+
+    token_ids: list[int]  # generated ids, without the prompt
+    seg_hidden: torch.Tensor  # M x H hidden states that predicted each [SEG]
+    prefill_tokens: int  # sequence length at prefill (image tokens included)
+    prefill_s: float = 0.0  # wall time of the prefill forward pass
+    decode_s: float = 0.0  # wall time of the token-by-token loop
+
+
+class SegLLM(nn.Module):
+    def __init__(
+        self,
+        *,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        llm: PreTrainedModel,
+        text_hidden_fcs: nn.Module,
+        sam: Sam,
+        image_token_id: int,
+        seg_token_id: int,
+        eos_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.text_hidden_fcs = text_hidden_fcs
+        self.sam = sam
+        self.image_token_id = image_token_id
+        self.seg_token_id = seg_token_id
+        self.eos_token_id = eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    # ---- encoders (expensive, cached by the predictor) -------------------------------------
+    def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x V x V (CLIP-normalised) -> B x N x H projected patch tokens (CLS dropped)."""
+        dtype = next(self.projector.parameters()).dtype
+        feats = self.vision_tower(pixel_values=pixels.to(dtype)).last_hidden_state[:, 1:]
+        return self.projector(feats)
+
+    def encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S (SAM-normalised, padded) -> B x D x h x w image embedding."""
+        dtype = self.sam.image_encoder.patch_embed.proj.weight.dtype
+        return self.sam.image_encoder(pixels.to(dtype))
+
+    # ---- LLM -------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image tokens spliced in at the `<image>` slots.
+
+        input_ids: Q x L, holding exactly N image-token slots per row; image_tokens: Q x N x H.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        if n_slots != image_tokens.shape[0] * image_tokens.shape[1]:
+            raise ValueError(
+                f"{n_slots} image slots in the input ids but {image_tokens.shape[0]} x "
+                f"{image_tokens.shape[1]} image tokens"
+            )
+        embeds = embeds.clone()
+        embeds[slots] = image_tokens.reshape(-1, image_tokens.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def seg_prompts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """M x H hidden states -> M x D sparse prompt embeddings for SAM."""
+        return self.text_hidden_fcs(hidden)
+
+    @staticmethod
+    def seg_source_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:
+        """Q x L bool: positions whose next token is `[SEG]` (their hidden state predicts it)."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        mask[:, :-1] = input_ids[:, 1:] == seg_token_id
+        return mask
+
+    # ---- SAM decoder -----------------------------------------------------------------------
+    def decode_masks(
+        self, image_embedding: torch.Tensor, sparse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for one image.
+
+        image_embedding: 1 x D x h x w; sparse: M x K x D prompt tokens (K = 1 for [SEG]).
+        Returns low-res logits M x 1 x 4h x 4w and predicted IoU M x 1.
+        """
+        pe = self.sam.prompt_encoder
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            1, -1, *pe.image_embedding_size
+        )
+        return self.sam.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=pe.get_dense_pe().to(image_embedding.dtype),
+            sparse_prompt_embeddings=sparse.to(image_embedding.dtype),
+            dense_prompt_embeddings=dense.to(image_embedding.dtype),
+            multimask_output=False,
+        )
+
+    def point_prompts(self, points: torch.Tensor) -> torch.Tensor:
+        """M x 2 (x, y) positive points in SAM input pixels -> M x 2 x D sparse embeddings."""
+        labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
+        sparse, _ = self.sam.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+        return sparse
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int = 48
+    ) -> Generation:
+        """Greedy decoding with a KV cache for one sequence (input_ids 1 x L, image 1 x N x H).
+
+        Keeps the last-layer hidden state of every step that emits `[SEG]`.
+        """
+        t0 = time.perf_counter()
+        embeds = self.embed_inputs(input_ids, image_tokens)
+        out = self.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+        past, tokens, seg_hidden = out.past_key_values, [], []
+        logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
+        t1 = time.perf_counter()
+        limit = self.llm.config.max_position_embeddings - input_ids.shape[1]
+        for _ in range(min(max_new_tokens, limit)):
+            next_id = int(logits.argmax(-1))
+            if next_id == self.eos_token_id:
+                break
+            tokens.append(next_id)
+            if next_id == self.seg_token_id:
+                seg_hidden.append(hidden[0])
+            step = self.llm.get_input_embeddings()(torch.tensor([[next_id]], device=self.device))
+            out = self.llm(
+                inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
+            )
+            past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+        width = self.llm.config.hidden_size
+        stacked = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, width)
+        t2 = time.perf_counter()
+        return Generation(tokens, stacked, int(input_ids.shape[1]), t1 - t0, t2 - t1)

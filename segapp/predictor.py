@@ -1,0 +1,165 @@
+"""Segmenter: encode an image once (`set_image`), then answer many instructions (`predict`).
+
+numpy / PIL in and out; batched torch underneath. The cache of the current image is visible as
+`Segmenter.cache` and the encoder call counters as `Segmenter.encoder_calls`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from segapp.build import Bundle, load_model
+from segapp.errors import InputError
+from segapp.images import check_instruction, to_rgb_array
+from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
+from segapp.tokenizer import SEG_TOKEN
+
+_LEAD = re.compile(r"^(?:sure|yes|ok(?:ay)?|it is|it's|this is|that is|and|so|the answer is)\b[\s,]*")
+
+
+@dataclass
+class MaskResult:
+    """One target: a bool mask at the original image size (H x W) with its label and score."""
+
+    label: str
+    score: float
+    mask: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        from segapp.export import mask_record
+
+        return mask_record(self.mask, label=self.label, score=self.score)
+
+
+@dataclass
+class Result:
+    """What one instruction produced: the answer text and one mask per `[SEG]` in it."""
+
+    instruction: str
+    answer: str
+    masks: list[MaskResult]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def to_dict(self, image: str | None = None) -> dict[str, Any]:
+        return {
+            "image": image,
+            "instruction": self.instruction,
+            "answer": self.answer,
+            "masks": [m.to_dict() for m in self.masks],
+        }
+
+
+@dataclass
+class ImageCache:
+    """Encodings of the current image (what makes a warm `predict` cheap)."""
+
+    key: str  # sha1 of the pixels
+    original_size: tuple[int, int]  # (H, W)
+    sam_input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
+    image_tokens: torch.Tensor  # 1 x N x H_llm projected vision tokens
+    sam_embedding: torch.Tensor  # 1 x D x h x w
+
+
+def mask_labels(answer: str, count: int) -> list[str]:
+    """A short label per `[SEG]`: the phrase just before it in the answer ("small red circle")."""
+    pieces = answer.split(SEG_TOKEN)[:count]
+    labels = []
+    for i, piece in enumerate(pieces):
+        phrase = re.split(r"[,:;.!?]", piece)[-1].strip().lower()
+        phrase = _LEAD.sub("", phrase).strip()
+        phrase = re.sub(r"^(?:the|a|an)\s+", "", phrase)
+        labels.append(phrase or f"target {i + 1}")
+    return labels
+
+
+class Segmenter:
+    """Reason, then segment, on one image at a time."""
+
+    def __init__(self, bundle: Bundle, *, max_new_tokens: int = 48) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.eval()
+        self.max_new_tokens = max_new_tokens
+        self.cache: ImageCache | None = None
+        self.encoder_calls = {"vision": 0, "sam": 0}
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str = "tiny", *, device: str = "cpu") -> Segmenter:
+        return cls(load_model(name_or_dir, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def set_image(self, image: Any) -> ImageCache:
+        """Encode `image` (HxW[xC] array or PIL image) with both encoders and cache the result."""
+        rgb = to_rgb_array(image)
+        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
+        if self.cache is not None and self.cache.key == key:
+            return self.cache
+        cfg = self.bundle.config
+        t0 = time.perf_counter()
+        vis, _ = vision_tensor(rgb, cfg.vision_image_size)
+        tokens = self.model.encode_vision(vis[None].to(self.device))
+        self.encoder_calls["vision"] += 1
+        t1 = time.perf_counter()
+        sam_px, input_size = sam_tensor(rgb, self.model.sam.image_encoder.img_size)
+        emb = self.model.encode_sam(sam_px[None].to(self.device))
+        self.encoder_calls["sam"] += 1
+        t2 = time.perf_counter()
+        self.cache = ImageCache(key, (rgb.shape[0], rgb.shape[1]), input_size, tokens, emb)
+        self.last_encode_timings = {"vision_tower": t1 - t0, "sam_encoder": t2 - t1}
+        return self.cache
+
+    @torch.inference_mode()
+    def predict(self, instruction: str) -> Result:
+        """Answer `instruction` about the current image; one mask per `[SEG]` in the answer."""
+        if self.cache is None:
+            raise InputError("no image set: call set_image(image) before predict()", "Segmenter")
+        text = check_instruction(instruction)
+        chat, cache = self.bundle.chat, self.cache
+        t0 = time.perf_counter()
+        ids = torch.tensor([chat.prompt_ids(text)], device=self.device)
+        max_len = self.bundle.config.max_positions
+        if ids.shape[1] >= max_len - 4:
+            raise InputError(
+                f"instruction is too long for this model ({ids.shape[1]} tokens with the image, "
+                f"limit {max_len - 4})",
+                "instruction",
+            )
+        gen = self.model.generate(ids, cache.image_tokens, max_new_tokens=self.max_new_tokens)
+        t1 = time.perf_counter()
+        answer = chat.decode(gen.token_ids)
+        masks: list[MaskResult] = []
+        if len(gen.seg_hidden):
+            prompts = self.model.seg_prompts(gen.seg_hidden)
+            low, iou = self.model.decode_masks(cache.sam_embedding, prompts[:, None, :])
+            logits = postprocess_logits(
+                low, cache.sam_input_size, cache.original_size, self.model.sam.image_encoder.img_size
+            )
+            binary = (logits > 0).cpu().numpy()
+            scores = iou[:, 0].float().clamp(0, 1).cpu().tolist()
+            labels = mask_labels(answer, len(binary))
+            masks = [MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)]
+        t2 = time.perf_counter()
+        timings = {
+            "llm_prefill": gen.prefill_s,
+            "generation": gen.decode_s,
+            "prompt_tokens": float(gen.prefill_tokens),
+            "new_tokens": float(len(gen.token_ids)),
+            "predict_total": t2 - t0,
+            "mask_decode": t2 - t1,
+        }
+        return Result(text, answer, masks, timings)
+
+    def segment(self, image: Any, instruction: str) -> Result:
+        """set_image + predict in one call."""
+        self.set_image(image)
+        return self.predict(instruction)

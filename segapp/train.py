@@ -1,0 +1,238 @@
+"""Training loop shared by base training (here) and personalization (later).
+
+Two stages: (1) SAM alone learns to segment the object under a point prompt; (2) everything
+trains jointly with LISA's loss (text CE + 2.0 BCE + 0.5 Dice), the point-prompt loss kept on
+as an auxiliary term so SAM's decoder stays anchored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from segapp.build import build_segllm, image_token_count, save_bundle
+from segapp.config import ModelConfig, TrainConfig
+from segapp.data.batches import BatchStream, TrainBatch
+from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
+from segapp.modeling.segllm import SegLLM
+from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
+
+
+def mask_terms(
+    logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, tcfg: TrainConfig
+) -> dict[str, torch.Tensor]:
+    """logits M x S x S (upsampled to the SAM frame), iou_pred M, targets M x S x S."""
+    actual = mask_iou(logits.detach(), targets)
+    return {
+        "bce": bce_loss(logits, targets),
+        "dice": dice_loss(logits, targets),
+        "iou": F.mse_loss(iou_pred.float(), actual),
+    }
+
+
+def decode_per_image(
+    model: SegLLM, emb: torch.Tensor, sparse: torch.Tensor, image_of: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the mask decoder image by image (it pairs one image with many prompts).
+
+    Returns logits M x S x S in the padded SAM frame and IoU predictions M, in input order.
+    """
+    size = model.sam.image_encoder.img_size
+    logits = sparse.new_zeros(sparse.shape[0], size, size)
+    ious = sparse.new_zeros(sparse.shape[0])
+    for b in image_of.unique().tolist():
+        sel = (image_of == b).nonzero()[:, 0]
+        low, iou = model.decode_masks(emb[b : b + 1], sparse[sel])
+        logits[sel] = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0]
+        ious[sel] = iou[:, 0]
+    return logits, ious
+
+
+def forward_losses(
+    model: SegLLM, batch: TrainBatch, tcfg: TrainConfig, *, joint: bool
+) -> dict[str, torch.Tensor]:
+    """Loss terms for one batch; 'total' is the weighted sum that is optimised."""
+    emb = model.encode_sam(batch.sam_pixels)
+    logits, ious = decode_per_image(model, emb, model.point_prompts(batch.point_xy), batch.point_image)
+    point = mask_terms(logits, ious, batch.point_masks, tcfg)
+    total = (
+        tcfg.bce_weight * point["bce"] + tcfg.dice_weight * point["dice"] + tcfg.iou_weight * point["iou"]
+    )
+    terms = {"point_dice": point["dice"]}
+    if joint:
+        tokens = model.encode_vision(batch.vision_pixels)[batch.query_image]
+        embeds = model.embed_inputs(batch.input_ids, tokens)
+        out = model.llm(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
+        )
+        ce = text_loss(out.logits, batch.labels)
+        src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
+        hidden = out.hidden_states[-1][src]
+        if hidden.shape[0] != batch.seg_masks.shape[0]:
+            raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
+        terms["ce"] = ce
+        total = 0.5 * total + tcfg.ce_weight * ce
+        if hidden.shape[0]:
+            prompts = model.seg_prompts(hidden)[:, None, :]
+            seg_logits, seg_ious = decode_per_image(
+                model, emb, prompts, batch.query_image[batch.seg_query]
+            )
+            seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
+            total = total + (
+                tcfg.bce_weight * seg["bce"] + tcfg.dice_weight * seg["dice"] + tcfg.iou_weight * seg["iou"]
+            )
+            terms["dice"] = seg["dice"]
+    terms["total"] = total
+    return terms
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _state(model: SegLLM) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state.pop("llm.lm_head.weight", None)
+    return state
+
+
+def train(
+    out_dir: Path,
+    *,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    resume: bool = True,
+    progress: bool = True,
+    device: str = "cpu",
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train a SegLLM from scratch into `out_dir` (weights + tokenizer + config + logs).
+
+    Resumable: a checkpoint is written every `checkpoint_every` steps and at the end of each stage.
+    Returns the last logged losses.
+    """
+    from segapp.data.world import iter_corpus
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    torch.manual_seed(train_cfg.seed)
+    tok_path = out_dir / "tokenizer.json"
+    if resume and tok_path.exists():
+        tokenizer = load_tokenizer(tok_path)
+    else:
+        tokenizer = train_tokenizer(iter_corpus(3000, seed=train_cfg.seed), model_cfg.vocab_size)
+        tokenizer.backend_tokenizer.save(str(tok_path))
+    model = build_segllm(model_cfg, tokenizer).to(device)
+    chat = ChatFormat(tokenizer, image_token_count(model_cfg))
+    ckpt = out_dir / "checkpoint"
+    step = 0
+    if resume and (ckpt / "state.json").exists():
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        model.llm.tie_weights()
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+    total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
+    log_path = out_dir / "train_log.jsonl"
+    stream = BatchStream(
+        chat,
+        model_cfg,
+        seed=train_cfg.seed,
+        start=step,
+        images=train_cfg.images_per_batch,
+        queries_per_image=train_cfg.queries_per_image,
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=train_cfg.workers,
+        prefetch_factor=4 if train_cfg.workers else None,
+        persistent_workers=False,
+    )
+    opt = None
+    stage = None
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
+    last: dict = {}
+    started = time.perf_counter()
+    model.train()
+    for batch in loader:
+        if step >= total_steps:
+            break
+        joint = step >= train_cfg.sam_warmup_steps
+        if stage != joint:  # (re)build the optimiser at a stage boundary or after resume
+            stage = joint
+            params = model.parameters() if joint else model.sam.parameters()
+            opt = torch.optim.AdamW(
+                [p for p in params if p.requires_grad],
+                lr=train_cfg.lr,
+                betas=train_cfg.betas,
+                weight_decay=train_cfg.weight_decay,
+            )
+            opt_path = ckpt / "optimizer.pt"
+            if resume and step > 0 and opt_path.exists():
+                saved = torch.load(opt_path, weights_only=True)
+                if saved.get("joint") == joint:
+                    opt.load_state_dict(saved["state"])
+        assert opt is not None
+        stage_step = step - (train_cfg.sam_warmup_steps if joint else 0)
+        stage_len = train_cfg.steps if joint else train_cfg.sam_warmup_steps
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage_step, stage_len, train_cfg.warmup, train_cfg.lr)
+        batch = _to(batch, device)
+        terms = forward_losses(model, batch, train_cfg, joint=joint)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % train_cfg.log_every == 0 or step == total_steps:
+            last = {k: round(float(v), 4) for k, v in terms.items()}
+            last.update(step=step, lr=round(opt.param_groups[0]["lr"], 6),
+                        elapsed_s=round(time.perf_counter() - started, 1))
+            bar.set_postfix({k: last[k] for k in ("total", "ce", "dice", "point_dice") if k in last})
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            if on_step:
+                on_step(last)
+        boundary = step == train_cfg.sam_warmup_steps or step == total_steps
+        if step % train_cfg.checkpoint_every == 0 or boundary:
+            _checkpoint(model, opt, step, joint, ckpt)
+    bar.close()
+    model.eval()
+    save_bundle(model, tokenizer, model_cfg, out_dir)
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(train_cfg), indent=2) + "\n")
+    return last
+
+
+def _checkpoint(model: SegLLM, opt: torch.optim.Optimizer, step: int, joint: bool, ckpt: Path) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file(_state(model), str(ckpt / "model.safetensors.tmp"))
+    os.replace(ckpt / "model.safetensors.tmp", ckpt / "model.safetensors")
+    torch.save({"joint": joint, "state": opt.state_dict()}, ckpt / "optimizer.pt.tmp")
+    os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
+    (ckpt / "state.json.tmp").write_text(json.dumps({"step": step}))
+    os.replace(ckpt / "state.json.tmp", ckpt / "state.json")
+
+
+def _to(batch: TrainBatch, device: str) -> TrainBatch:
+    if device == "cpu":
+        return batch
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.to(device, non_blocking=True))
+    return batch
