@@ -105,7 +105,9 @@ def make_batch(
 class BatchStream(IterableDataset):
     """Endless stream of TrainBatch; each worker draws from its own seeded generator."""
 
-    def __init__(self, chat: ChatFormat, cfg: ModelConfig, *, seed: int, start: int, **kwargs) -> None:
+    def __init__(
+        self, chat: ChatFormat, cfg: ModelConfig, *, seed: int, start: int, **kwargs
+    ) -> None:
         self.chat, self.cfg, self.seed, self.start, self.kwargs = chat, cfg, seed, start, kwargs
 
     def __iter__(self) -> Iterator[TrainBatch]:
