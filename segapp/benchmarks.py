@@ -26,7 +26,7 @@ def machine() -> dict[str, Any]:
 
 
 def _bench_image_array() -> np.ndarray:
-    from segapp.data.world import generate_sample
+    from segapp.data.instructions import generate_sample
 
     return generate_sample("test", 0).image
 

@@ -223,7 +223,7 @@ def evaluate_reason(
 def _queries(split: str, data: Path | None, limit: int) -> Iterator[tuple]:
     """(image, instruction, gt bool HxW, ignore bool HxW | None, kind, n_gt) per query."""
     if data is None:
-        from segapp.data.world import generate_sample
+        from segapp.data.instructions import generate_sample
 
         for i in range(limit):
             s = generate_sample(split, i)

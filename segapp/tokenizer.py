@@ -8,6 +8,7 @@ never from encoding the string (some tokenizers prepend a space token).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,14 @@ class ChatFormat:
 
     def answer_ids(self, answer: str) -> list[int]:
         """Answer ids followed by `</s>` (what the LLM is trained to produce)."""
-        ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+        # "[SEG]" glued to the word before it, so that word's hidden state predicts [SEG]
+        text = " " + answer.strip().replace(" " + SEG_TOKEN, SEG_TOKEN)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [*ids, self.eos_id]
 
     def decode(self, ids: list[int]) -> str:
         """Answer text with `[SEG]` kept and other special tokens dropped, first letter upper."""
         keep = [i for i in ids if i == self.seg_id or i not in self.tokenizer.all_special_ids]
         text = self.tokenizer.decode(keep, skip_special_tokens=False).strip()
-        text = text.replace(SEG_TOKEN.lower(), SEG_TOKEN)
+        text = re.sub(r"(?<=\S)\[SEG\]", " " + SEG_TOKEN, text)
         return text[:1].upper() + text[1:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -126,7 +127,7 @@ def train(
     Resumable: a checkpoint is written every `checkpoint_every` steps and at the end of each stage.
     Returns the last logged losses.
     """
-    from segapp.data.world import iter_corpus
+    from segapp.data.instructions import iter_corpus
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if train_cfg.threads:
@@ -136,7 +137,7 @@ def train(
     if resume and tok_path.exists():
         tokenizer = load_tokenizer(tok_path)
     else:
-        tokenizer = train_tokenizer(iter_corpus(3000, seed=train_cfg.seed), model_cfg.vocab_size)
+        tokenizer = train_tokenizer(iter_corpus(200, seed=train_cfg.seed), model_cfg.vocab_size)
         tokenizer.backend_tokenizer.save(str(tok_path))
     model = build_segllm(model_cfg, tokenizer).to(device)
     chat = ChatFormat(tokenizer, image_token_count(model_cfg))
@@ -165,7 +166,10 @@ def train(
     )
     opt = None
     stage = None
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not progress, desc="train", unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     last: dict = {}
     started = time.perf_counter()
     model.train()
@@ -201,7 +205,7 @@ def train(
         step += 1
         bar.update(1)
         if step % train_cfg.log_every == 0 or step == total_steps:
-            last = {k: round(float(v), 4) for k, v in terms.items()}
+            last = {k: round(float(v.detach()), 4) for k, v in terms.items()}
             last.update(step=step, lr=round(opt.param_groups[0]["lr"], 6),
                         elapsed_s=round(time.perf_counter() - started, 1))
             bar.set_postfix({k: last[k] for k in ("total", "ce", "dice", "point_dice") if k in last})
