@@ -28,10 +28,10 @@ class ModelConfig:
     vision_mlp: int = _f(256, "vision tower MLP width")
     # causal LM
     vocab_size: int = _f(1024, "tokenizer vocabulary size, special tokens included")
-    llm_hidden: int = _f(192, "LLM width")
+    llm_hidden: int = _f(128, "LLM width")
     llm_layers: int = _f(4, "LLM depth")
     llm_heads: int = _f(4, "LLM attention heads")
-    llm_mlp: int = _f(512, "LLM MLP width")
+    llm_mlp: int = _f(384, "LLM MLP width")
     max_positions: int = _f(256, "longest sequence the LLM accepts (image tokens included)")
     # SAM
     sam_image_size: int = _f(128, "SAM input size (ResizeLongestSide + pad), pixels")
@@ -65,7 +65,7 @@ class ModelConfig:
 class TrainConfig:
     """Schedule of `segapp train` (two stages: SAM warm-up on point prompts, then joint)."""
 
-    steps: int = _f(2500, "joint-stage optimisation steps")
+    steps: int = _f(2600, "joint-stage optimisation steps")
     sam_warmup_steps: int = _f(500, "stage-1 steps training SAM alone from point prompts")
     images_per_batch: int = _f(8, "scenes per step; image encoders run once per scene")
     queries_per_image: int = _f(3, "instructions per scene (LISA-style several conversations)")
@@ -77,6 +77,8 @@ class TrainConfig:
     bce_weight: float = _f(2.0, "per-pixel BCE weight")
     dice_weight: float = _f(0.5, "Dice weight")
     iou_weight: float = _f(1.0, "weight of SAM's IoU head regression (mask score)")
+    point_weight: float = _f(1.0, "MSE pulling each [SEG] prompt towards SAM's point token at its target")
+    probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
     threads: int = _f(0, "torch CPU threads; 0 = all cores")

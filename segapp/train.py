@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from segapp.build import build_segllm, image_token_count, save_bundle
 from segapp.config import ModelConfig, TrainConfig
-from segapp.data.batches import BatchStream, TrainBatch
+from segapp.data.batches import ATTRIBUTES, BatchStream, TrainBatch
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
@@ -60,40 +60,59 @@ def decode_per_image(
     return logits, ious
 
 
+class PatchProbe(torch.nn.Module):
+    """Training-only linear heads reading colour/shape/size/texture off each vision patch token.
+
+    A dense, cheap signal that teaches the from-scratch vision tower what the LLM will need
+    to talk about; it is not part of the saved model.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Linear(width, len(names) + 1) for names in ATTRIBUTES
+        )
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats B x N x C patch tokens, labels B x 4 x g x g -> mean CE over the 4 heads."""
+        flat = labels.flatten(2)  # B x 4 x N
+        losses = [F.cross_entropy(h(feats).transpose(1, 2), flat[:, a]) for a, h in enumerate(self.heads)]
+        return torch.stack(losses).mean()
+
+
 def forward_losses(
-    model: SegLLM, batch: TrainBatch, tcfg: TrainConfig, *, joint: bool
+    model: SegLLM, probe: PatchProbe, batch: TrainBatch, tcfg: TrainConfig, *, joint: bool
 ) -> dict[str, torch.Tensor]:
     """Loss terms for one batch; 'total' is the weighted sum that is optimised."""
+    w = tcfg
     emb = model.encode_sam(batch.sam_pixels)
-    logits, ious = decode_per_image(model, emb, model.point_prompts(batch.point_xy), batch.point_image)
+    logits, ious = decode_per_image(model, emb, model.point_token(batch.point_xy), batch.point_image)
     point = mask_terms(logits, ious, batch.point_masks, tcfg)
-    total = (
-        tcfg.bce_weight * point["bce"] + tcfg.dice_weight * point["dice"] + tcfg.iou_weight * point["iou"]
-    )
-    terms = {"point_dice": point["dice"]}
-    if joint:
-        tokens = model.encode_vision(batch.vision_pixels)[batch.query_image]
-        embeds = model.embed_inputs(batch.input_ids, tokens)
-        out = model.llm(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
-        )
-        ce = text_loss(out.logits, batch.labels)
-        src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
-        hidden = out.hidden_states[-1][src]
-        if hidden.shape[0] != batch.seg_masks.shape[0]:
-            raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
-        terms["ce"] = ce
-        total = 0.5 * total + tcfg.ce_weight * ce
-        if hidden.shape[0]:
-            prompts = model.seg_prompts(hidden)[:, None, :]
-            seg_logits, seg_ious = decode_per_image(
-                model, emb, prompts, batch.query_image[batch.seg_query]
-            )
-            seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
-            total = total + (
-                tcfg.bce_weight * seg["bce"] + tcfg.dice_weight * seg["dice"] + tcfg.iou_weight * seg["iou"]
-            )
-            terms["dice"] = seg["dice"]
+    sam_total = w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
+    feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
+    probe_loss = probe(feats, batch.patch_labels)
+    terms = {"point_dice": point["dice"], "probe": probe_loss}
+    if not joint:
+        terms["total"] = sam_total + probe_loss
+        return terms
+    tokens = model.projector(feats)[batch.query_image]
+    embeds = model.embed_inputs(batch.input_ids, tokens)
+    out = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True)
+    ce = text_loss(out.logits, batch.labels)
+    src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
+    hidden = out.hidden_states[-1][src]
+    if hidden.shape[0] != batch.seg_masks.shape[0]:
+        raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
+    terms["ce"] = ce
+    total = 0.5 * sam_total + w.probe_weight * probe_loss + w.ce_weight * ce
+    if hidden.shape[0]:
+        prompts = model.seg_prompts(hidden)[:, None, :]
+        seg_logits, seg_ious = decode_per_image(model, emb, prompts, batch.query_image[batch.seg_query])
+        seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
+        anchor = F.mse_loss(prompts, model.point_token(batch.seg_points).detach())
+        total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
+        total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
+        terms.update(dice=seg["dice"], anchor=anchor)
     terms["total"] = total
     return terms
 
@@ -140,12 +159,15 @@ def train(
         tokenizer = train_tokenizer(iter_corpus(200, seed=train_cfg.seed), model_cfg.vocab_size)
         tokenizer.backend_tokenizer.save(str(tok_path))
     model = build_segllm(model_cfg, tokenizer).to(device)
+    probe = PatchProbe(model_cfg.vision_hidden).to(device)
     chat = ChatFormat(tokenizer, image_token_count(model_cfg))
     ckpt = out_dir / "checkpoint"
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         model.llm.tie_weights()
+        if (ckpt / "probe.safetensors").exists():
+            probe.load_state_dict(load_file(str(ckpt / "probe.safetensors")))
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
     log_path = out_dir / "train_log.jsonl"
@@ -179,9 +201,9 @@ def train(
         joint = step >= train_cfg.sam_warmup_steps
         if stage != joint:  # (re)build the optimiser at a stage boundary or after resume
             stage = joint
-            params = model.parameters() if joint else model.sam.parameters()
+            modules = [model, probe] if joint else [model.sam, model.vision_tower, probe]
             opt = torch.optim.AdamW(
-                [p for p in params if p.requires_grad],
+                [p for m in modules for p in m.parameters() if p.requires_grad],
                 lr=train_cfg.lr,
                 betas=train_cfg.betas,
                 weight_decay=train_cfg.weight_decay,
@@ -197,10 +219,12 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(stage_step, stage_len, train_cfg.warmup, train_cfg.lr)
         batch = _to(batch, device)
-        terms = forward_losses(model, batch, train_cfg, joint=joint)
+        terms = forward_losses(model, probe, batch, train_cfg, joint=joint)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in opt.param_groups for p in g["params"]], train_cfg.grad_clip
+        )
         opt.step()
         step += 1
         bar.update(1)
@@ -208,14 +232,15 @@ def train(
             last = {k: round(float(v.detach()), 4) for k, v in terms.items()}
             last.update(step=step, lr=round(opt.param_groups[0]["lr"], 6),
                         elapsed_s=round(time.perf_counter() - started, 1))
-            bar.set_postfix({k: last[k] for k in ("total", "ce", "dice", "point_dice") if k in last})
+            shown = ("total", "ce", "dice", "anchor", "point_dice", "probe")
+            bar.set_postfix({k: last[k] for k in shown if k in last})
             with log_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
             if on_step:
                 on_step(last)
         boundary = step == train_cfg.sam_warmup_steps or step == total_steps
         if step % train_cfg.checkpoint_every == 0 or boundary:
-            _checkpoint(model, opt, step, joint, ckpt)
+            _checkpoint(model, probe, opt, step, joint, ckpt)
     bar.close()
     model.eval()
     save_bundle(model, tokenizer, model_cfg, out_dir)
@@ -223,8 +248,11 @@ def train(
     return last
 
 
-def _checkpoint(model: SegLLM, opt: torch.optim.Optimizer, step: int, joint: bool, ckpt: Path) -> None:
+def _checkpoint(
+    model: SegLLM, probe: PatchProbe, opt: torch.optim.Optimizer, step: int, joint: bool, ckpt: Path
+) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
+    save_file(dict(probe.state_dict()), str(ckpt / "probe.safetensors"))
     save_file(_state(model), str(ckpt / "model.safetensors.tmp"))
     os.replace(ckpt / "model.safetensors.tmp", ckpt / "model.safetensors")
     torch.save({"joint": joint, "state": opt.state_dict()}, ckpt / "optimizer.pt.tmp")

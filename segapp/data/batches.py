@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from segapp.config import ModelConfig
 from segapp.data.instructions import make_queries
-from segapp.data.world import generate_scene
+from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
 
@@ -34,6 +34,8 @@ class TrainBatch:
     point_xy: torch.Tensor  # P x 2 interior points (SAM frame) for point-prompt supervision
     point_image: torch.Tensor  # P
     point_masks: torch.Tensor  # P x S x S
+    seg_points: torch.Tensor  # M x 2 most interior point of each [SEG] target (SAM frame)
+    patch_labels: torch.Tensor  # B x 4 x g x g attribute ids (colour, shape, size, texture; 0 = none)
     kinds: list[str]
 
 
@@ -43,6 +45,37 @@ def interior_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, f
     ys, xs = np.nonzero(dist >= 0.4 * dist.max())
     i = int(rng.integers(len(xs)))
     return float(xs[i]) + 0.5, float(ys[i]) + 0.5
+
+
+def deepest_point(mask: np.ndarray) -> tuple[float, float]:
+    """The (x, y) pixel farthest from the mask's edge (a stable point-prompt target)."""
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    y, x = np.unravel_index(int(dist.argmax()), dist.shape)
+    return float(x) + 0.5, float(y) + 0.5
+
+
+ATTRIBUTES = (tuple(COLORS), SHAPES, SIZES, TEXTURES)
+
+
+def patch_labels(scene: Scene, grid: int) -> torch.Tensor:
+    """4 x grid x grid attribute ids of the object covering most of each patch (0 = background).
+
+    Supervises the vision tower's patch tokens during training (a probe head, not saved).
+    """
+    k, h, w = scene.masks.shape
+    side = max(h, w)  # images are padded bottom/right to a square before the encoder
+    padded = np.zeros((k, side, side), np.float32)
+    padded[:, :h, :w] = scene.masks
+    cover = cv2.resize(padded.transpose(1, 2, 0), (grid, grid), interpolation=cv2.INTER_AREA)
+    cover = cover.reshape(grid, grid, k).transpose(2, 0, 1)
+    best = cover.argmax(0)
+    labels = np.zeros((4, grid, grid), np.int64)
+    for i, obj in enumerate(scene.objects):
+        sel = (best == i) & (cover[i] >= 0.25)
+        values = (obj.color, obj.shape, obj.size, obj.texture)
+        for a, (names, value) in enumerate(zip(ATTRIBUTES, values, strict=True)):
+            labels[a][sel] = names.index(value) + 1
+    return torch.from_numpy(labels)
 
 
 def make_batch(
@@ -56,11 +89,13 @@ def make_batch(
     points_per_image: int = 3,
 ) -> TrainBatch:
     sam_px, vis_px, rows, masks, seg_query, kinds = [], [], [], [], [], []
-    query_image, pts, pt_img, pt_masks = [], [], [], []
+    query_image, pts, pt_img, pt_masks, seg_pts, probes = [], [], [], [], [], []
+    grid = cfg.vision_image_size // cfg.vision_patch
     for b in range(images):
         scene = generate_scene(rng, split)
         sam_px.append(sam_tensor(scene.image, cfg.sam_image_size)[0])
         vis_px.append(vision_tensor(scene.image, cfg.vision_image_size)[0])
+        probes.append(patch_labels(scene, grid))
         scale = cfg.sam_image_size / max(scene.image.shape[:2])
         order = rng.permutation(len(scene.objects))[:points_per_image]
         for k in order:
@@ -76,6 +111,9 @@ def make_batch(
             if q.targets:
                 masks.append(mask_tensor(scene.masks[list(q.targets)], cfg.sam_image_size))
                 seg_query.extend([len(rows) - 1] * len(q.targets))
+                for k in q.targets:
+                    x, y = deepest_point(scene.masks[k])
+                    seg_pts.append((x * scale, y * scale))
     length = max(len(p) + len(a) for p, a in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -98,6 +136,8 @@ def make_batch(
         point_xy=torch.tensor(pts, dtype=torch.float32).reshape(-1, 2),
         point_image=torch.tensor(pt_img, dtype=torch.long),
         point_masks=torch.cat(pt_masks),
+        seg_points=torch.tensor(seg_pts, dtype=torch.float32).reshape(-1, 2),
+        patch_labels=torch.stack(probes),
         kinds=kinds,
     )
 
@@ -111,6 +151,7 @@ class BatchStream(IterableDataset):
         self.chat, self.cfg, self.seed, self.start, self.kwargs = chat, cfg, seed, start, kwargs
 
     def __iter__(self) -> Iterator[TrainBatch]:
+        cv2.setNumThreads(1)  # many small images: threads only contend with the trainer
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         step = self.start + wid

@@ -121,11 +121,17 @@ class SegLLM(nn.Module):
             multimask_output=False,
         )
 
-    def point_prompts(self, points: torch.Tensor) -> torch.Tensor:
-        """M x 2 (x, y) positive points in SAM input pixels -> M x 2 x D sparse embeddings."""
-        labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
-        sparse, _ = self.sam.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
-        return sparse
+    def point_token(self, points: torch.Tensor) -> torch.Tensor:
+        """M x 2 (x, y) positive points in SAM input pixels -> M x 1 x D prompt tokens.
+
+        The same embedding SAM's prompt encoder gives a positive point (pixel-centre shift,
+        Fourier positional encoding + the positive-label embedding), without the padding point,
+        so a point prompt has the shape of a `[SEG]` prompt.
+        """
+        pe = self.sam.prompt_encoder
+        coords = (points + 0.5)[:, None, :]
+        emb = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
+        return emb + pe.point_embeddings[1].weight
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
