@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -179,12 +180,16 @@ def train(
         images=train_cfg.images_per_batch,
         queries_per_image=train_cfg.queries_per_image,
     )
+    # workers are forked: OpenCV's and tokenizers' thread pools must not be live in the parent
+    cv2.setNumThreads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=train_cfg.workers,
         prefetch_factor=4 if train_cfg.workers else None,
         persistent_workers=False,
+        timeout=600 if train_cfg.workers else 0,  # a stuck worker becomes an error, not a hang
     )
     opt = None
     stage = None

@@ -151,7 +151,6 @@ class BatchStream(IterableDataset):
         self.chat, self.cfg, self.seed, self.start, self.kwargs = chat, cfg, seed, start, kwargs
 
     def __iter__(self) -> Iterator[TrainBatch]:
-        cv2.setNumThreads(1)  # many small images: threads only contend with the trainer
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         step = self.start + wid
