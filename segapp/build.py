@@ -71,7 +71,9 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     )
 
 
-def save_bundle(model: SegLLM, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, out: Path) -> None:
+def save_bundle(
+    model: SegLLM, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, out: Path
+) -> None:
     """Write config.json, model.safetensors, tokenizer.json (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -114,7 +116,9 @@ def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundl
     model.load_state_dict(state, strict=False)
     model.llm.tie_weights()
     model.to(device).eval()
-    return Bundle(model, tokenizer, cfg, ChatFormat(tokenizer, image_token_count(cfg)), str(directory))
+    return Bundle(
+        model, tokenizer, cfg, ChatFormat(tokenizer, image_token_count(cfg)), str(directory)
+    )
 
 
 def _preset_loader(name: str) -> Callable[..., Bundle]:
@@ -131,7 +135,9 @@ def _preset_loader(name: str) -> Callable[..., Bundle]:
 
 
 # preset name -> loader; keys are the CLI's --model choices
-MODEL_REGISTRY: dict[str, Callable[..., Bundle]] = {name: _preset_loader(name) for name in MODEL_PRESETS}
+MODEL_REGISTRY: dict[str, Callable[..., Bundle]] = {
+    name: _preset_loader(name) for name in MODEL_PRESETS
+}
 
 
 def load_model(name_or_dir: str, *, device: str | torch.device = "cpu") -> Bundle:

@@ -49,7 +49,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         print(f"answer: {result.answer}")
         for i, m in enumerate(record["masks"]):
-            print(f"  mask {i}: {m['label']!r} score={m['score']:.2f} bbox={m['bbox']} area={m['area']}")
+            print(
+                f"  mask {i}: {m['label']!r} score={m['score']:.2f} bbox={m['bbox']} area={m['area']}"
+            )
         print(f"wrote {len(result.masks)} mask(s) and an overlay to {out}/")
     return 0
 
@@ -81,7 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segapp.train import train
 
     tcfg = TrainConfig()
-    changes = {k: getattr(args, k) for k in ("steps", "sam_warmup_steps", "threads", "workers", "seed")}
+    changes = {
+        k: getattr(args, k) for k in ("steps", "sam_warmup_steps", "threads", "workers", "seed")
+    }
     tcfg = tcfg.replace(**{k: v for k, v in changes.items() if v is not None})
     last = train(
         Path(args.out),
@@ -136,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="suite", required=True)
     bi = bsub.add_parser("image", help="cold (set_image + predict) vs warm (predict) call")
     bi.add_argument("--model", default="tiny")
-    bi.add_argument("--sam", default=None, choices=["vit_b", "vit_l", "vit_h"],
-                    help="swap in segment_anything's real encoder size (random weights) for timing")
+    bi.add_argument(
+        "--sam",
+        default=None,
+        choices=["vit_b", "vit_l", "vit_h"],
+        help="swap in segment_anything's real encoder size (random weights) for timing",
+    )
     bi.add_argument("--repeats", type=int, default=3)
     bi.set_defaults(func=cmd_bench)
 
@@ -150,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", default="auto")
-    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument(
+        "--no-resume", action="store_true", help="start over even if a checkpoint exists"
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="synthetic datasets")
@@ -185,7 +195,10 @@ def run(argv: Sequence[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI turns anything else into one line
         if args.debug:
             raise
-        print(f"error: internal failure: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        print(
+            f"error: internal failure: {type(exc).__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
         return 1
 
 

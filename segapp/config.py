@@ -77,7 +77,9 @@ class TrainConfig:
     bce_weight: float = _f(2.0, "per-pixel BCE weight")
     dice_weight: float = _f(0.5, "Dice weight")
     iou_weight: float = _f(1.0, "weight of SAM's IoU head regression (mask score)")
-    point_weight: float = _f(1.0, "MSE pulling each [SEG] prompt towards SAM's point token at its target")
+    point_weight: float = _f(
+        1.0, "MSE pulling each [SEG] prompt towards SAM's point token at its target"
+    )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")

@@ -203,8 +203,11 @@ def evaluate_reason(
     meter = ReasonSegMeter()
     started = time.perf_counter()
     for image, instruction, gt, ignore, kind, n_gt in tqdm(
-        _queries(split, data, limit), total=None if data else limit, disable=not progress,
-        desc=f"eval {split if data is None else data}", unit="query",
+        _queries(split, data, limit),
+        total=None if data else limit,
+        disable=not progress,
+        desc=f"eval {split if data is None else data}",
+        unit="query",
     ):
         result = seg.segment(image, instruction)
         pred = np.zeros(gt.shape, dtype=bool)

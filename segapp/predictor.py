@@ -21,7 +21,9 @@ from segapp.images import check_instruction, to_rgb_array
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 
-_LEAD = re.compile(r"^(?:sure|yes|ok(?:ay)?|it is|it's|this is|that is|and|so|the answer is)\b[\s,]*")
+_LEAD = re.compile(
+    r"^(?:sure|yes|ok(?:ay)?|it is|it's|this is|that is|and|so|the answer is)\b[\s,]*"
+)
 
 
 @dataclass
@@ -142,12 +144,17 @@ class Segmenter:
             prompts = self.model.seg_prompts(gen.seg_hidden)
             low, iou = self.model.decode_masks(cache.sam_embedding, prompts[:, None, :])
             logits = postprocess_logits(
-                low, cache.sam_input_size, cache.original_size, self.model.sam.image_encoder.img_size
+                low,
+                cache.sam_input_size,
+                cache.original_size,
+                self.model.sam.image_encoder.img_size,
             )
             binary = (logits > 0).cpu().numpy()
             scores = iou[:, 0].float().clamp(0, 1).cpu().tolist()
             labels = mask_labels(answer, len(binary))
-            masks = [MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)]
+            masks = [
+                MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)
+            ]
         t2 = time.perf_counter()
         timings = {
             "llm_prefill": gen.prefill_s,

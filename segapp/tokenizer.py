@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -54,6 +55,14 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return wrap(Tokenizer.from_file(str(path)))
 
 
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """Id of an added token itself (never of the encoded string, which may gain a space)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise TypeError(f"token {token!r} does not map to a single id")
+    return found
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """`<s>USER: <image> {instruction} ASSISTANT: {answer}</s>`, with N image slots."""
@@ -61,17 +70,17 @@ class ChatFormat:
     tokenizer: PreTrainedTokenizerFast
     image_tokens: int  # N: how many slots the single <image> placeholder expands to
 
-    @property
+    @cached_property
     def image_id(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        return _token_id(self.tokenizer, IMAGE_TOKEN)
 
-    @property
+    @cached_property
     def seg_id(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(SEG_TOKEN))
+        return _token_id(self.tokenizer, SEG_TOKEN)
 
-    @property
+    @cached_property
     def eos_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
+        return _token_id(self.tokenizer, str(self.tokenizer.eos_token))
 
     def prompt_ids(self, instruction: str) -> list[int]:
         """Token ids of the prompt up to and including `ASSISTANT:`, image slots expanded."""
@@ -92,6 +101,6 @@ class ChatFormat:
     def decode(self, ids: list[int]) -> str:
         """Answer text with `[SEG]` kept and other special tokens dropped, first letter upper."""
         keep = [i for i in ids if i == self.seg_id or i not in self.tokenizer.all_special_ids]
-        text = self.tokenizer.decode(keep, skip_special_tokens=False).strip()
+        text = str(self.tokenizer.decode(keep, skip_special_tokens=False)).strip()
         text = re.sub(r"(?<=\S)\[SEG\]", " " + SEG_TOKEN, text)
         return text[:1].upper() + text[1:]

@@ -77,7 +77,9 @@ class PatchProbe(torch.nn.Module):
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """feats B x N x C patch tokens, labels B x 4 x g x g -> mean CE over the 4 heads."""
         flat = labels.flatten(2)  # B x 4 x N
-        losses = [F.cross_entropy(h(feats).transpose(1, 2), flat[:, a]) for a, h in enumerate(self.heads)]
+        losses = [
+            F.cross_entropy(h(feats).transpose(1, 2), flat[:, a]) for a, h in enumerate(self.heads)
+        ]
         return torch.stack(losses).mean()
 
 
@@ -87,9 +89,13 @@ def forward_losses(
     """Loss terms for one batch; 'total' is the weighted sum that is optimised."""
     w = tcfg
     emb = model.encode_sam(batch.sam_pixels)
-    logits, ious = decode_per_image(model, emb, model.point_token(batch.point_xy), batch.point_image)
+    logits, ious = decode_per_image(
+        model, emb, model.point_token(batch.point_xy), batch.point_image
+    )
     point = mask_terms(logits, ious, batch.point_masks, tcfg)
-    sam_total = w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
+    sam_total = (
+        w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
+    )
     feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
     probe_loss = probe(feats, batch.patch_labels)
     terms = {"point_dice": point["dice"], "probe": probe_loss}
@@ -98,7 +104,9 @@ def forward_losses(
         return terms
     tokens = model.projector(feats)[batch.query_image]
     embeds = model.embed_inputs(batch.input_ids, tokens)
-    out = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True)
+    out = model.llm(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
+    )
     ce = text_loss(out.logits, batch.labels)
     src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
     hidden = out.hidden_states[-1][src]
@@ -108,7 +116,9 @@ def forward_losses(
     total = 0.5 * sam_total + w.probe_weight * probe_loss + w.ce_weight * ce
     if hidden.shape[0]:
         prompts = model.seg_prompts(hidden)[:, None, :]
-        seg_logits, seg_ious = decode_per_image(model, emb, prompts, batch.query_image[batch.seg_query])
+        seg_logits, seg_ious = decode_per_image(
+            model, emb, prompts, batch.query_image[batch.seg_query]
+        )
         seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
         anchor = F.mse_loss(prompts, model.point_token(batch.seg_points).detach())
         total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
@@ -194,7 +204,11 @@ def train(
     opt = None
     stage = None
     bar = tqdm(
-        total=total_steps, initial=step, disable=not progress, desc="train", unit="step",
+        total=total_steps,
+        initial=step,
+        disable=not progress,
+        desc="train",
+        unit="step",
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
     )
     last: dict = {}
@@ -235,8 +249,11 @@ def train(
         bar.update(1)
         if step % train_cfg.log_every == 0 or step == total_steps:
             last = {k: round(float(v.detach()), 4) for k, v in terms.items()}
-            last.update(step=step, lr=round(opt.param_groups[0]["lr"], 6),
-                        elapsed_s=round(time.perf_counter() - started, 1))
+            last.update(
+                step=step,
+                lr=round(opt.param_groups[0]["lr"], 6),
+                elapsed_s=round(time.perf_counter() - started, 1),
+            )
             shown = ("total", "ce", "dice", "anchor", "point_dice", "probe")
             bar.set_postfix({k: last[k] for k in shown if k in last})
             with log_path.open("a") as fh:

@@ -35,7 +35,9 @@ class TrainBatch:
     point_image: torch.Tensor  # P
     point_masks: torch.Tensor  # P x S x S
     seg_points: torch.Tensor  # M x 2 most interior point of each [SEG] target (SAM frame)
-    patch_labels: torch.Tensor  # B x 4 x g x g attribute ids (colour, shape, size, texture; 0 = none)
+    patch_labels: (
+        torch.Tensor
+    )  # B x 4 x g x g attribute ids (colour, shape, size, texture; 0 = none)
     kinds: list[str]
 
 

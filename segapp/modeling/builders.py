@@ -79,6 +79,7 @@ def build_text_hidden_fcs(cfg: ModelConfig) -> nn.Sequential:
 
 def build_sam(cfg: ModelConfig) -> Sam:
     """segment_anything's own Sam, at tiny size or at a published ViT size (random init)."""
+    global_idx: tuple[int, ...]
     if cfg.sam_variant == "tiny":
         dim, depth, heads = cfg.sam_encoder_dim, cfg.sam_encoder_depth, cfg.sam_encoder_heads
         img_size, patch, window, global_idx = cfg.sam_image_size, cfg.sam_patch, 0, ()

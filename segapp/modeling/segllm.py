@@ -110,9 +110,7 @@ class SegLLM(nn.Module):
         Returns low-res logits M x 1 x 4h x 4w and predicted IoU M x 1.
         """
         pe = self.sam.prompt_encoder
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, *pe.image_embedding_size
-        )
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
         return self.sam.mask_decoder(
             image_embeddings=image_embedding,
             image_pe=pe.get_dense_pe().to(image_embedding.dtype),
@@ -160,7 +158,11 @@ class SegLLM(nn.Module):
             out = self.llm(
                 inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
             )
-            past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+            past, logits, hidden = (
+                out.past_key_values,
+                out.logits[:, -1],
+                out.hidden_states[-1][:, -1],
+            )
         width = self.llm.config.hidden_size
         stacked = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, width)
         t2 = time.perf_counter()
