@@ -148,4 +148,6 @@ def load_model(name_or_dir: str, *, device: str | torch.device = "cpu") -> Bundl
     if path.is_dir():
         return load_bundle(path, device=device)
     choices = ", ".join(sorted(MODEL_REGISTRY))
-    raise ModelError(f"unknown model {name_or_dir!r}: use one of {choices} or a weights directory")
+    raise ModelError(
+        f"unknown model {name_or_dir!r}: use one of {choices} or a weights directory", "--model"
+    )

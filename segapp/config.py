@@ -83,7 +83,7 @@ class TrainConfig:
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
-    threads: int = _f(0, "torch CPU threads; 0 = all cores")
+    threads: int = _f(0, "torch CPU threads; 0 = all cores (set it lower on a busy machine)")
     workers: int = _f(1, "data-generating worker processes")
     checkpoint_every: int = _f(250, "steps between resumable checkpoints")
     log_every: int = _f(25, "steps between loss-log lines")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -164,6 +165,11 @@ def train(
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
     tok_path = out_dir / "tokenizer.json"
+    ckpt = out_dir / "checkpoint"
+    log_path = out_dir / "train_log.jsonl"
+    if not resume:  # a fresh start must not mix with an earlier run's log or checkpoint
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log_path.unlink(missing_ok=True)
     if resume and tok_path.exists():
         tokenizer = load_tokenizer(tok_path)
     else:
@@ -172,7 +178,6 @@ def train(
     model = build_segllm(model_cfg, tokenizer).to(device)
     probe = PatchProbe(model_cfg.vision_hidden).to(device)
     chat = ChatFormat(tokenizer, image_token_count(model_cfg))
-    ckpt = out_dir / "checkpoint"
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
@@ -181,7 +186,6 @@ def train(
             probe.load_state_dict(load_file(str(ckpt / "probe.safetensors")))
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
-    log_path = out_dir / "train_log.jsonl"
     stream = BatchStream(
         chat,
         model_cfg,

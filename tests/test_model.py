@@ -1,0 +1,212 @@
+"""Weights directories and the Segmenter, on a randomly initialised tiny model (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from safetensors.torch import load_file, save_file
+
+from segapp.build import load_bundle, load_model
+from segapp.data.instructions import generate_sample
+from segapp.errors import InputError, ModelError
+from segapp.predictor import MaskResult, Result, Segmenter
+from segapp.preprocess import postprocess_logits, resized_shape
+
+INSTRUCTION = "Segment the red circle."
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return generate_sample("test", 0).image
+
+
+@pytest.fixture
+def segmenter(random_model_dir: Path) -> Segmenter:
+    return Segmenter(load_bundle(random_model_dir), max_new_tokens=8)
+
+
+@pytest.fixture
+def model_copy(random_model_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(random_model_dir, out)
+    return out
+
+
+# ---- save / load -------------------------------------------------------------------------------
+def test_round_trip_gives_identical_weights_and_outputs(
+    random_model_dir: Path, image: np.ndarray
+) -> None:
+    a, b = load_bundle(random_model_dir), load_bundle(random_model_dir)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    # the LM head is not stored: it must come back tied to the embedding
+    assert torch.equal(a.model.llm.lm_head.weight, a.model.llm.get_input_embeddings().weight)
+
+    ra = Segmenter(a, max_new_tokens=8).segment(image, INSTRUCTION)
+    rb = Segmenter(b, max_new_tokens=8).segment(image, INSTRUCTION)
+    assert ra.answer == rb.answer
+    assert len(ra.masks) == len(rb.masks)
+    for ma, mb in zip(ra.masks, rb.masks, strict=True):
+        assert ma.mask.shape == image.shape[:2]
+        np.testing.assert_array_equal(ma.mask, mb.mask)
+        assert ma.score == mb.score and ma.label == mb.label
+
+
+def _rewrite(path: Path, change) -> str:
+    state = load_file(str(path))
+    key = change(state)
+    save_file(state, str(path))
+    return key
+
+
+def test_missing_weights_file(model_copy: Path) -> None:
+    (model_copy / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing model.safetensors"):
+        load_bundle(model_copy)
+
+
+def test_missing_parameter_is_named(model_copy: Path) -> None:
+    def drop(state: dict) -> str:
+        key = sorted(state)[len(state) // 2]
+        del state[key]
+        return key
+
+    key = _rewrite(model_copy / "model.safetensors", drop)
+    with pytest.raises(ModelError) as info:
+        load_bundle(model_copy)
+    assert key in str(info.value) and "missing" in str(info.value)
+
+
+def test_wrong_shape_is_named(model_copy: Path) -> None:
+    def grow(state: dict) -> str:
+        key = next(k for k in sorted(state) if k.endswith("weight") and state[k].ndim == 2)
+        state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])
+        return key
+
+    key = _rewrite(model_copy / "model.safetensors", grow)
+    with pytest.raises(ModelError) as info:
+        load_bundle(model_copy)
+    assert key in str(info.value) and "shape" in str(info.value)
+
+
+def test_unexpected_parameter_is_named(model_copy: Path) -> None:
+    def add(state: dict) -> str:
+        state["projector.extra.weight"] = torch.zeros(3)
+        return "projector.extra.weight"
+
+    key = _rewrite(model_copy / "model.safetensors", add)
+    with pytest.raises(ModelError, match="unexpected") as info:
+        load_bundle(model_copy)
+    assert key in str(info.value)
+
+
+def test_unknown_config_field(model_copy: Path) -> None:
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["flux_capacitor"] = 3
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="flux_capacitor"):
+        load_bundle(model_copy)
+
+
+def test_unknown_preset_lists_choices() -> None:
+    with pytest.raises(ModelError, match="nope") as info:
+        load_model("nope")
+    assert "tiny" in str(info.value)
+
+
+# ---- Segmenter cache ---------------------------------------------------------------------------
+def test_predict_uses_the_cache_only(
+    segmenter: Segmenter, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    segmenter.set_image(image)
+    calls = dict(segmenter.encoder_calls)
+    assert calls == {"vision": 1, "sam": 1}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an encoder ran during predict")
+
+    monkeypatch.setattr(segmenter.model.vision_tower, "forward", boom)
+    monkeypatch.setattr(segmenter.model.sam.image_encoder, "forward", boom)
+    first = segmenter.predict(INSTRUCTION)
+    second = segmenter.predict("Where is the blue square?")
+    assert segmenter.encoder_calls == calls
+    assert isinstance(first.answer, str) and isinstance(second.answer, str)
+    assert first.instruction == INSTRUCTION
+    assert all(m.mask.shape == image.shape[:2] for m in first.masks + second.masks)
+
+
+def test_set_image_reencodes_only_new_pixels(segmenter: Segmenter, image: np.ndarray) -> None:
+    cache = segmenter.set_image(image)
+    assert segmenter.set_image(image.copy()) is cache  # same pixels, new array
+    assert segmenter.encoder_calls == {"vision": 1, "sam": 1}
+    changed = image.copy()
+    changed[0, 0] ^= 255
+    new = segmenter.set_image(changed)
+    assert new.key != cache.key
+    assert segmenter.encoder_calls == {"vision": 2, "sam": 2}
+
+
+def test_predict_before_set_image(segmenter: Segmenter) -> None:
+    with pytest.raises(InputError, match="set_image"):
+        segmenter.predict(INSTRUCTION)
+
+
+@pytest.mark.parametrize("instruction", ["", "   \n\t"])
+def test_empty_instruction(segmenter: Segmenter, image: np.ndarray, instruction: str) -> None:
+    segmenter.set_image(image)
+    with pytest.raises(InputError, match="empty"):
+        segmenter.predict(instruction)
+
+
+def test_non_square_image_masks_at_original_size(segmenter: Segmenter) -> None:
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, size=(180, 300, 3), dtype=np.uint8)  # H x W
+    cache = segmenter.set_image(wide)
+    size = segmenter.model.sam.image_encoder.img_size
+    assert cache.original_size == (180, 300)
+    assert cache.sam_input_size == resized_shape(180, 300, size)
+    dim = segmenter.bundle.config.prompt_dim
+    with torch.no_grad():
+        low, iou = segmenter.model.decode_masks(cache.sam_embedding, torch.zeros(2, 1, dim))
+    assert iou.shape == (2, 1)
+    logits = postprocess_logits(low, cache.sam_input_size, cache.original_size, size)
+    assert tuple(logits.shape) == (2, 180, 300)
+    assert torch.isfinite(logits).all()
+
+
+# ---- results as JSON ---------------------------------------------------------------------------
+def _disc(height: int = 40, width: int = 50) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    cv2.circle(mask, (30, 18), 9, 1, -1)
+    return mask.astype(bool)
+
+
+def test_result_json_keys() -> None:
+    disc = _disc()
+    record = MaskResult("red circle", 0.87654321, disc).to_dict()
+    assert set(record) == {"label", "score", "bbox", "area", "rle", "polygons"}
+    assert record["label"] == "red circle" and record["score"] == pytest.approx(0.8765)
+    assert record["area"] == int(disc.sum())
+    ys, xs = np.nonzero(disc)
+    assert record["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert record["rle"]["size"] == [40, 50] and isinstance(record["rle"]["counts"], str)
+    decoded = mask_utils.decode(
+        {"size": record["rle"]["size"], "counts": record["rle"]["counts"].encode()}
+    )
+    np.testing.assert_array_equal(decoded.astype(bool), disc)
+    assert record["polygons"] and all(len(p) >= 3 for p in record["polygons"])
+
+    result = Result("Segment the disc.", "Sure, disc [SEG].", [MaskResult("disc", 0.5, disc)])
+    row = json.loads(json.dumps(result.to_dict(image="a.png")))
+    assert list(row) == ["image", "instruction", "answer", "masks"]
+    assert row["image"] == "a.png" and len(row["masks"]) == 1
+    assert set(row["masks"][0]) == set(record)

@@ -1,0 +1,93 @@
+"""Training from scratch: losses fall, the output directory loads, and runs resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segapp.build import load_bundle
+from segapp.config import MODEL_PRESETS, TrainConfig
+from segapp.data.instructions import generate_sample
+from segapp.predictor import Segmenter
+from segapp.train import train
+
+TINY = MODEL_PRESETS["tiny"]
+# one thread: the tests must not fight a busy machine (OpenMP barriers spin when cores are taken)
+THREADS = 1
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # train() sets the process-wide thread count
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
+def test_losses_fall_and_output_loads(tmp_path: Path) -> None:
+    logs: list[dict] = []
+    cfg = TrainConfig(
+        steps=30,
+        sam_warmup_steps=10,
+        images_per_batch=4,
+        queries_per_image=2,
+        log_every=1,
+        workers=0,
+        checkpoint_every=1000,
+        threads=THREADS,
+        lr=2e-3,
+        warmup=5,
+    )
+    out = tmp_path / "run"
+    last = train(out, model_cfg=TINY, train_cfg=cfg, progress=False, on_step=logs.append)
+    assert [r["step"] for r in logs] == list(range(1, 41))
+    assert last == logs[-1]
+    joint = [r for r in logs if "ce" in r]
+    assert len(joint) == 30 and all("ce" not in r for r in logs[:10])
+    assert _mean(joint[-5:], "ce") < 0.8 * _mean(joint[:5], "ce")
+    assert _mean(logs[-5:], "point_dice") < 0.95 * _mean(logs[:5], "point_dice")
+    assert all(np.isfinite(r["total"]) for r in logs)
+
+    bundle = load_bundle(out)
+    image = generate_sample("test", 0).image
+    result = Segmenter(bundle, max_new_tokens=16).segment(image, "Segment the red circle.")
+    assert isinstance(result.answer, str)
+    assert all(m.mask.shape == image.shape[:2] for m in result.masks)
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = TrainConfig(
+        steps=2,
+        sam_warmup_steps=2,
+        images_per_batch=2,
+        queries_per_image=1,
+        log_every=1,
+        workers=0,
+        checkpoint_every=1000,
+        threads=THREADS,
+        warmup=1,
+    )
+    first: list[dict] = []
+    train(out, model_cfg=TINY, train_cfg=small, progress=False, on_step=first.append)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and [r["step"] for r in first] == [1, 2, 3, 4]
+    tokenizer_before = (out / "tokenizer.json").read_bytes()
+
+    second: list[dict] = []
+    train(
+        out, model_cfg=TINY, train_cfg=small.replace(steps=4), progress=False, on_step=second.append
+    )
+    assert [r["step"] for r in second] == [5, 6]  # no step is repeated
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_before
+    assert load_bundle(out).config == TINY
