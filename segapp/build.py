@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from segapp.config import MODEL_PRESETS, ModelConfig
 from segapp.errors import ModelError
 from segapp.modeling.builders import (
+    build_image_pos,
     build_llm,
     build_projector,
     build_sam,
@@ -58,6 +59,9 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     projector, fcs = build_projector(cfg), build_text_hidden_fcs(cfg)
     init_weights_(projector)
     init_weights_(fcs)
+    image_pos = build_image_pos(cfg)
+    if image_pos is not None:
+        init_weights_(image_pos)
     chat = ChatFormat(tokenizer, image_token_count(cfg))
     return SegLLM(
         vision_tower=build_vision_tower(cfg),
@@ -65,6 +69,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         llm=build_llm(cfg),
         text_hidden_fcs=fcs,
         sam=build_sam(cfg),
+        image_pos=image_pos,
         image_token_id=chat.image_id,
         seg_token_id=chat.seg_id,
         eos_token_id=chat.eos_id,

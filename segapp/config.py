@@ -43,6 +43,11 @@ class ModelConfig:
     decoder_depth: int = _f(2, "two-way transformer depth in SAM's mask decoder")
     decoder_mlp: int = _f(256, "two-way transformer MLP width")
     sam_variant: str = _f("tiny", "'tiny' (trained here) or 'vit_b' / 'vit_l' / 'vit_h'")
+    image_pos: bool = _f(
+        True,
+        "add SAM's positional encoding of each patch centre to the image tokens, so [SEG] can "
+        "point in SAM's coordinates (off for published LISA checkpoints)",
+    )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -79,6 +84,9 @@ class TrainConfig:
     iou_weight: float = _f(1.0, "weight of SAM's IoU head regression (mask score)")
     point_weight: float = _f(
         1.0, "MSE pulling each [SEG] prompt towards SAM's point token at its target"
+    )
+    pointer_weight: float = _f(
+        1.0, "cross-entropy of a training-only head pointing each [SEG] at its target's patch"
     )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")

@@ -84,8 +84,49 @@ class PatchProbe(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
+class PointerHead(torch.nn.Module):
+    """Training-only head: from each `[SEG]` hidden state, point at the image token of its target.
+
+    Cross-entropy over the N image tokens (target: the patch holding the target's most interior
+    point) gives the LLM a crisp "which object" signal long before the mask loss does.
+    """
+
+    def __init__(self, width: int, dim: int = 64) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(width, dim)
+        self.k = torch.nn.Linear(width, dim)
+
+    def forward(self, seg: torch.Tensor, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """seg M x H, image M x N x H (hidden states of each [SEG]'s image tokens), target M."""
+        scores = torch.einsum("md,mnd->mn", self.q(seg), self.k(image)) / self.q.out_features**0.5
+        return F.cross_entropy(scores, target)
+
+
+class AuxHeads(torch.nn.Module):
+    """The training-only heads (not saved with the model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.probe = PatchProbe(cfg.vision_hidden)
+        self.pointer = PointerHead(cfg.llm_hidden)
+
+
+def target_patches(points: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """M x 2 points in the SAM frame -> M indices of the vision patch holding each."""
+    grid = cfg.vision_image_size // cfg.vision_patch
+    cell = cfg.sam_image_size / grid
+    ij = (points / cell).long().clamp(0, grid - 1)
+    return ij[:, 1] * grid + ij[:, 0]
+
+
 def forward_losses(
-    model: SegLLM, probe: PatchProbe, batch: TrainBatch, tcfg: TrainConfig, *, joint: bool
+    model: SegLLM,
+    aux: AuxHeads,
+    batch: TrainBatch,
+    tcfg: TrainConfig,
+    cfg: ModelConfig,
+    *,
+    joint: bool,
 ) -> dict[str, torch.Tensor]:
     """Loss terms for one batch; 'total' is the weighted sum that is optimised."""
     w = tcfg
@@ -98,19 +139,20 @@ def forward_losses(
         w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
     )
     feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
-    probe_loss = probe(feats, batch.patch_labels)
+    probe_loss = aux.probe(feats, batch.patch_labels)
     terms = {"point_dice": point["dice"], "probe": probe_loss}
     if not joint:
         terms["total"] = sam_total + probe_loss
         return terms
-    tokens = model.projector(feats)[batch.query_image]
+    tokens = model.project(feats, cfg.vision_image_size)[batch.query_image]
     embeds = model.embed_inputs(batch.input_ids, tokens)
     out = model.llm(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
     )
     ce = text_loss(out.logits, batch.labels)
     src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
-    hidden = out.hidden_states[-1][src]
+    last = out.hidden_states[-1]
+    hidden = last[src]
     if hidden.shape[0] != batch.seg_masks.shape[0]:
         raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
     terms["ce"] = ce
@@ -122,9 +164,15 @@ def forward_losses(
         )
         seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
         anchor = F.mse_loss(prompts, model.point_token(batch.seg_points).detach())
+        slots = batch.input_ids == model.image_token_id
+        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
+        pointer = aux.pointer(
+            hidden, image_hidden[batch.seg_query], target_patches(batch.seg_points, cfg)
+        )
         total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
         total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
-        terms.update(dice=seg["dice"], anchor=anchor)
+        total = total + w.pointer_weight * pointer
+        terms.update(dice=seg["dice"], anchor=anchor, pointer=pointer)
     terms["total"] = total
     return terms
 
@@ -176,14 +224,14 @@ def train(
         tokenizer = train_tokenizer(iter_corpus(200, seed=train_cfg.seed), model_cfg.vocab_size)
         tokenizer.backend_tokenizer.save(str(tok_path))
     model = build_segllm(model_cfg, tokenizer).to(device)
-    probe = PatchProbe(model_cfg.vision_hidden).to(device)
+    aux = AuxHeads(model_cfg).to(device)
     chat = ChatFormat(tokenizer, image_token_count(model_cfg))
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         model.llm.tie_weights()
-        if (ckpt / "probe.safetensors").exists():
-            probe.load_state_dict(load_file(str(ckpt / "probe.safetensors")))
+        if (ckpt / "aux.safetensors").exists():
+            aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")))
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
     stream = BatchStream(
@@ -224,7 +272,7 @@ def train(
         joint = step >= train_cfg.sam_warmup_steps
         if stage != joint:  # (re)build the optimiser at a stage boundary or after resume
             stage = joint
-            modules = [model, probe] if joint else [model.sam, model.vision_tower, probe]
+            modules = [model, aux] if joint else [model.sam, model.vision_tower, aux.probe]
             opt = torch.optim.AdamW(
                 [p for m in modules for p in m.parameters() if p.requires_grad],
                 lr=train_cfg.lr,
@@ -242,7 +290,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(stage_step, stage_len, train_cfg.warmup, train_cfg.lr)
         batch = _to(batch, device)
-        terms = forward_losses(model, probe, batch, train_cfg, joint=joint)
+        terms = forward_losses(model, aux, batch, train_cfg, model_cfg, joint=joint)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(
@@ -258,7 +306,7 @@ def train(
                 lr=round(opt.param_groups[0]["lr"], 6),
                 elapsed_s=round(time.perf_counter() - started, 1),
             )
-            shown = ("total", "ce", "dice", "anchor", "point_dice", "probe")
+            shown = ("total", "ce", "dice", "anchor", "pointer", "point_dice")
             bar.set_postfix({k: last[k] for k in shown if k in last})
             with log_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
@@ -266,7 +314,7 @@ def train(
                 on_step(last)
         boundary = step == train_cfg.sam_warmup_steps or step == total_steps
         if step % train_cfg.checkpoint_every == 0 or boundary:
-            _checkpoint(model, probe, opt, step, joint, ckpt)
+            _checkpoint(model, aux, opt, step, joint, ckpt)
     bar.close()
     model.eval()
     save_bundle(model, tokenizer, model_cfg, out_dir)
@@ -275,10 +323,10 @@ def train(
 
 
 def _checkpoint(
-    model: SegLLM, probe: PatchProbe, opt: torch.optim.Optimizer, step: int, joint: bool, ckpt: Path
+    model: SegLLM, aux: AuxHeads, opt: torch.optim.Optimizer, step: int, joint: bool, ckpt: Path
 ) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file(dict(probe.state_dict()), str(ckpt / "probe.safetensors"))
+    save_file(dict(aux.state_dict()), str(ckpt / "aux.safetensors"))
     save_file(_state(model), str(ckpt / "model.safetensors.tmp"))
     os.replace(ckpt / "model.safetensors.tmp", ckpt / "model.safetensors")
     torch.save({"joint": joint, "state": opt.state_dict()}, ckpt / "optimizer.pt.tmp")

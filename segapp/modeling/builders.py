@@ -77,6 +77,13 @@ def build_text_hidden_fcs(cfg: ModelConfig) -> nn.Sequential:
     )
 
 
+def build_image_pos(cfg: ModelConfig) -> nn.Linear | None:
+    """Projection of SAM's patch-centre positional encoding into the LLM width (or None)."""
+    if not cfg.image_pos:
+        return None
+    return nn.Linear(cfg.prompt_dim, cfg.llm_hidden)
+
+
 def build_sam(cfg: ModelConfig) -> Sam:
     """segment_anything's own Sam, at tiny size or at a published ViT size (random init)."""
     global_idx: tuple[int, ...]
@@ -146,6 +153,7 @@ __all__ = [
     "build_projector",
     "build_llm",
     "build_text_hidden_fcs",
+    "build_image_pos",
     "build_sam",
     "count_parameters",
     "init_weights_",

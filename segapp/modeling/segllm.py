@@ -2,6 +2,8 @@
 
 Data flow (shapes for B images, Q sequences, M `[SEG]` tokens):
   vision pixels B x 3 x V x V -> vision tower -> projector -> B x N x H image tokens
+  (+ optionally image_pos: SAM's own Fourier encoding of each patch centre, projected to H,
+  so the LLM can point at a location in the very coordinates SAM's prompts use)
   input ids Q x L with N `<image>` slots each -> token embeddings with image tokens spliced in
   -> causal LM -> last-layer hidden states Q x L x H
   hidden state that predicts each `[SEG]` (LISA's convention) -> text_hidden_fcs -> M x D
@@ -41,6 +43,7 @@ class SegLLM(nn.Module):
         llm: PreTrainedModel,
         text_hidden_fcs: nn.Module,
         sam: Sam,
+        image_pos: nn.Module | None = None,
         image_token_id: int,
         seg_token_id: int,
         eos_token_id: int,
@@ -51,6 +54,7 @@ class SegLLM(nn.Module):
         self.llm = llm
         self.text_hidden_fcs = text_hidden_fcs
         self.sam = sam
+        self.image_pos = image_pos
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
@@ -64,7 +68,32 @@ class SegLLM(nn.Module):
         """B x 3 x V x V (CLIP-normalised) -> B x N x H projected patch tokens (CLS dropped)."""
         dtype = next(self.projector.parameters()).dtype
         feats = self.vision_tower(pixel_values=pixels.to(dtype)).last_hidden_state[:, 1:]
-        return self.projector(feats)
+        return self.project(feats, pixels.shape[-1])
+
+    def project(self, feats: torch.Tensor, vision_size: int) -> torch.Tensor:
+        """B x N x C vision features -> B x N x H LLM tokens (+ patch-centre positions)."""
+        tokens = self.projector(feats)
+        if self.image_pos is not None:
+            tokens = tokens + self.image_pos(
+                self.patch_position_encoding(feats.shape[1], vision_size)
+            )
+        return tokens
+
+    def patch_position_encoding(self, n_patches: int, vision_size: int) -> torch.Tensor:
+        """N x D: SAM's positional encoding of each vision patch centre in the SAM input frame.
+
+        Both encoders see the image resized longest-side and padded bottom/right, so a vision
+        pixel maps to SAM's frame by one scale factor.
+        """
+        grid = int(round(n_patches**0.5))
+        pe = self.sam.prompt_encoder
+        scale = pe.input_image_size[0] / vision_size
+        step = vision_size / grid
+        centres = (torch.arange(grid, device=self.device, dtype=torch.float32) + 0.5) * step * scale
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+        coords = torch.stack([xs.flatten(), ys.flatten()], -1)[None]
+        dtype = next(self.image_pos.parameters()).dtype if self.image_pos is not None else None
+        return pe.pe_layer.forward_with_coords(coords, pe.input_image_size)[0].to(dtype)
 
     def encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S (SAM-normalised, padded) -> B x D x h x w image embedding."""
