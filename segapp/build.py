@@ -1,6 +1,8 @@
 """Registry: preset name or weights directory -> (SegLLM, tokenizer, config).
 
-A weights directory holds config.json (ModelConfig fields), model.safetensors and tokenizer.json.
+A segapp weights directory holds config.json (ModelConfig fields), model.safetensors and
+tokenizer.json. A published LISA checkpoint folder (Hugging Face layout) is recognised by its
+config.json and loaded through `segapp.checkpoints.lisa`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from segapp.config import MODEL_PRESETS, ModelConfig
+from segapp.config import CHECKPOINT_PRESETS, MODEL_PRESETS, ModelConfig
 from segapp.errors import ModelError
 from segapp.modeling.builders import (
     build_image_pos,
@@ -27,7 +29,8 @@ from segapp.modeling.builders import (
     init_weights_,
 )
 from segapp.modeling.segllm import SegLLM
-from segapp.tokenizer import ChatFormat, load_tokenizer
+from segapp.precision import Placement, place_, resolve_placement
+from segapp.tokenizer import ChatFormat, chat_format_for, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +52,7 @@ class Bundle:
 
 
 def image_token_count(cfg: ModelConfig) -> int:
-    return (cfg.vision_image_size // cfg.vision_patch) ** 2
+    return (cfg.vision_image_size // cfg.vision_patch // cfg.vision_merge) ** 2
 
 
 def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM:
@@ -62,7 +65,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     image_pos = build_image_pos(cfg)
     if image_pos is not None:
         init_weights_(image_pos)
-    chat = ChatFormat(tokenizer, image_token_count(cfg))
+    chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
     return SegLLM(
         vision_tower=build_vision_tower(cfg),
         projector=projector,
@@ -73,6 +76,8 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         image_token_id=chat.image_id,
         seg_token_id=chat.seg_id,
         eos_token_id=chat.eos_id,
+        vision_select_layer=cfg.vision_select_layer,
+        vision_merge=cfg.vision_merge,
     )
 
 
@@ -121,37 +126,125 @@ def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundl
     model.load_state_dict(state, strict=False)
     model.llm.tie_weights()
     model.to(device).eval()
-    return Bundle(
-        model, tokenizer, cfg, ChatFormat(tokenizer, image_token_count(cfg)), str(directory)
-    )
+    chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
+    return Bundle(model, tokenizer, cfg, chat, str(directory))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load any model: precision / quantization (see segapp.precision) and, for published
+    checkpoints, where the parts LISA's release does not hold come from."""
+
+    precision: str | None = None  # None: the model's default (fp32 tiny; bf16 LISA on CUDA)
+    quantize: str | None = None  # None, "8bit" or "4bit"
+    vision_tower: Path | None = None  # CLIP folder for a LISA checkpoint
+    sam_checkpoint: Path | None = None  # segment-anything .pth replacing the model's SAM
+
+
+def _bundle_placement(device: str | torch.device, options: LoadOptions) -> Placement | None:
+    """None keeps a segapp bundle exactly as stored (float32)."""
+    if options.precision is None and options.quantize is None:
+        return None
+    return resolve_placement(str(device), options.precision, options.quantize)
+
+
+def _load_bundle_with(directory: Path, device: str | torch.device, options: LoadOptions) -> Bundle:
+    """load_bundle, then a SAM .pth and precision / quantization when asked for."""
+    placement = _bundle_placement(device, options)  # fails fast, before anything is read
+    bundle = load_bundle(directory, device=device)
+    if options.sam_checkpoint is not None:
+        from segapp.checkpoints.sam import load_sam_checkpoint
+
+        load_sam_checkpoint(bundle.model.sam, options.sam_checkpoint)
+    if placement is not None:
+        place_(bundle.model, placement)
+    return bundle
+
+
+def _load_dir(directory: Path, device: str | torch.device, options: LoadOptions) -> Bundle:
+    from segapp.checkpoints.lisa import is_lisa_dir, load_lisa
+
+    if is_lisa_dir(directory):
+        return load_lisa(
+            directory,
+            name=directory.name,
+            vision_tower=options.vision_tower,
+            sam_checkpoint=options.sam_checkpoint,
+            placement=_lisa_placement(device, options),
+        )
+    return _load_bundle_with(directory, device, options)
+
+
+def _lisa_placement(device: str | torch.device, options: LoadOptions) -> Placement:
+    device = str(device)
+    default = "bf16" if device.startswith("cuda") else "fp32"
+    return resolve_placement(device, options.precision, options.quantize, model_default=default)
 
 
 def _preset_loader(name: str) -> Callable[..., Bundle]:
-    def load(device: str | torch.device = "cpu") -> Bundle:
+    def load(device: str | torch.device = "cpu", options: LoadOptions | None = None) -> Bundle:
+        options = options or LoadOptions()
+        _bundle_placement(device, options)  # an unavailable mode fails before a missing folder
         directory = weights_root() / name
         if not directory.is_dir():
             raise ModelError(
                 f"weights for preset {name!r} not found; train them with `segapp train`",
                 str(directory),
             )
-        return load_bundle(directory, device=device)
+        return _load_bundle_with(directory, device, options)
+
+    return load
+
+
+def _checkpoint_loader(name: str) -> Callable[..., Bundle]:
+    preset = CHECKPOINT_PRESETS[name]
+
+    def load(device: str | torch.device = "cpu", options: LoadOptions | None = None) -> Bundle:
+        from segapp.checkpoints.lisa import load_lisa
+
+        options = options or LoadOptions()
+        placement = _lisa_placement(device, options)  # an unavailable mode fails first
+        directory = weights_root() / name
+        if not directory.is_dir():
+            raise ModelError(
+                f"weights for {name!r} ({preset.hub_repo}) are not installed: copy them there, "
+                f"or run `segapp weights fetch {name}` where a network exists",
+                str(directory),
+            )
+        return load_lisa(
+            directory,
+            name=name,
+            chat_format=preset.chat_format,
+            vision_tower=options.vision_tower,
+            vision_default=preset.vision_tower,
+            sam_checkpoint=options.sam_checkpoint,
+            placement=placement,
+        )
 
     return load
 
 
 # preset name -> loader; keys are the CLI's --model choices
 MODEL_REGISTRY: dict[str, Callable[..., Bundle]] = {
-    name: _preset_loader(name) for name in MODEL_PRESETS
+    **{name: _preset_loader(name) for name in MODEL_PRESETS},
+    **{name: _checkpoint_loader(name) for name in CHECKPOINT_PRESETS},
 }
 
 
-def load_model(name_or_dir: str, *, device: str | torch.device = "cpu") -> Bundle:
-    """A preset name (see MODEL_REGISTRY) or a path to a weights directory."""
+def load_model(
+    name_or_dir: str,
+    *,
+    device: str | torch.device = "cpu",
+    options: LoadOptions | None = None,
+) -> Bundle:
+    """A preset name (see MODEL_REGISTRY) or a path to a weights directory (segapp's own layout
+    or a LISA checkpoint folder)."""
+    options = options or LoadOptions()
     if name_or_dir in MODEL_REGISTRY:
-        return MODEL_REGISTRY[name_or_dir](device=device)
+        return MODEL_REGISTRY[name_or_dir](device=device, options=options)
     path = Path(name_or_dir)
     if path.is_dir():
-        return load_bundle(path, device=device)
+        return _load_dir(path, device, options)
     choices = ", ".join(sorted(MODEL_REGISTRY))
     raise ModelError(
         f"unknown model {name_or_dir!r}: use one of {choices} or a weights directory", "--model"

@@ -12,8 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from segapp.batch.command import add_batch_bench, add_batch_command
 from segapp.errors import InputError, SegappError
+
+if TYPE_CHECKING:
+    from segapp.build import LoadOptions
 
 
 def pick_device(name: str) -> str:
@@ -26,6 +31,21 @@ def pick_device(name: str) -> str:
     return name
 
 
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """--precision / --load-in-8bit / --load-in-4bit / --vision-tower / --sam as LoadOptions."""
+    from segapp.build import LoadOptions
+
+    if args.load_in_8bit and args.load_in_4bit:
+        raise InputError("choose one of --load-in-8bit and --load-in-4bit", "--load-in-*")
+    quantize = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
+    return LoadOptions(
+        precision=args.precision,
+        quantize=quantize,
+        vision_tower=Path(args.vision_tower) if args.vision_tower else None,
+        sam_checkpoint=Path(args.sam) if args.sam else None,
+    )
+
+
 # ---- commands ------------------------------------------------------------------------------
 def cmd_segment(args: argparse.Namespace) -> int:
     from segapp.export import overlay, save_png
@@ -34,7 +54,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     instruction = check_instruction(args.instruction)
     image = load_image(args.image, max_pixels=args.max_pixels)
-    segmenter = Segmenter.from_pretrained(args.model, device=pick_device(args.device))
+    from segapp.build import load_model
+
+    bundle = load_model(args.model, device=pick_device(args.device), options=load_options(args))
+    segmenter = Segmenter(bundle)
     result = segmenter.segment(image, instruction)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,15 +80,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from segapp.build import LoadOptions, load_model
     from segapp.evaluate import evaluate_reason
 
+    device, options = pick_device(args.device), load_options(args)
+    bundle = (
+        None if options == LoadOptions() else load_model(args.model, device=device, options=options)
+    )
     summary = evaluate_reason(
         args.model,
         split=args.split,
         data=Path(args.data) if args.data else None,
         limit=args.limit,
-        device=pick_device(args.device),
+        device=device,
         progress=not args.quiet,
+        bundle=bundle,
     )
     print(json.dumps(summary, indent=None if args.compact else 2))
     return 0
@@ -106,6 +135,40 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from segapp.build import weights_root
+    from segapp.weights import human_size, list_installed
+
+    root = weights_root()
+    entries = list_installed(root, checksums=not args.no_checksums)
+    if args.json:
+        print(json.dumps({"root": str(root), "weights": [e.to_dict() for e in entries]}))
+        return 0
+    print(f"{root}/")
+    for entry in entries:
+        print(f"  {entry.name}  [{entry.kind}]  {human_size(entry.size)}")
+        for f in entry.files:
+            digest = f"  sha256:{f.sha256}" if f.sha256 else ""
+            print(f"    {f.path}  {human_size(f.size)}{digest}")
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from segapp.build import weights_root
+    from segapp.weights import fetch
+
+    target = fetch(args.name, weights_root())
+    print(f"fetched {args.name} into {target}/")
+    return 0
+
+
+def _fetchable_names() -> list[str]:
+    from segapp.config import AUXILIARY_WEIGHTS, CHECKPOINT_PRESETS
+
+    presets = [f"{name} [{p.description}]" for name, p in CHECKPOINT_PRESETS.items()]
+    return [*presets, *AUXILIARY_WEIGHTS]
+
+
 # ---- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segapp", description="Reason, then segment.")
@@ -115,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default="tiny", help="preset name or weights directory")
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        sp.add_argument(
+            "--precision",
+            choices=["fp32", "bf16", "fp16"],
+            help="weights dtype (default: fp32; bf16 for LISA on CUDA; fp16 when quantized)",
+        )
+        sp.add_argument(
+            "--load-in-8bit", action="store_true", help="8-bit LLM (bitsandbytes, CUDA)"
+        )
+        sp.add_argument(
+            "--load-in-4bit", action="store_true", help="4-bit nf4 LLM (bitsandbytes, CUDA)"
+        )
+        sp.add_argument("--vision-tower", help="CLIP folder for a LISA checkpoint")
+        sp.add_argument("--sam", help="segment-anything .pth replacing the model's SAM")
 
     s = sub.add_parser("segment", help="segment one image from an instruction")
     s.add_argument("image")
@@ -136,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compact", action="store_true", help="one-line JSON")
     r.set_defaults(func=cmd_eval)
 
+    add_batch_command(sub)  # `segapp batch`
+
     b = sub.add_parser("bench", help="speed benchmarks (JSON with same-run ratios)")
     bsub = b.add_subparsers(dest="suite", required=True)
     bi = bsub.add_parser("image", help="cold (set_image + predict) vs warm (predict) call")
@@ -148,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bi.add_argument("--repeats", type=int, default=3)
     bi.set_defaults(func=cmd_bench)
+    add_batch_bench(bsub)  # `segapp bench batch`
 
     t = sub.add_parser("train", help="train a preset from scratch on the synthetic world")
     t.add_argument("--preset", default="tiny", choices=["tiny"])
@@ -170,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=200)
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_data_generate)
+
+    w = sub.add_parser("weights", help="installed weights and fetching published ones")
+    wsub = w.add_subparsers(dest="action", required=True)
+    wl = wsub.add_parser("list", help="what is under weights/ (sizes, sha256)")
+    wl.add_argument("--json", action="store_true", help="one JSON object")
+    wl.add_argument("--no-checksums", action="store_true", help="skip sha256 (fast)")
+    wl.set_defaults(func=cmd_weights_list)
+    wf = wsub.add_parser(
+        "fetch", help="download NAME into weights/NAME (needs a network and HF_HUB_OFFLINE=0)"
+    )
+    wf.add_argument("name", help=f"one of: {', '.join(_fetchable_names())}")
+    wf.set_defaults(func=cmd_weights_fetch)
     return p
 
 

@@ -43,17 +43,43 @@ class ModelConfig:
     decoder_depth: int = _f(2, "two-way transformer depth in SAM's mask decoder")
     decoder_mlp: int = _f(256, "two-way transformer MLP width")
     sam_variant: str = _f("tiny", "'tiny' (trained here) or 'vit_b' / 'vit_l' / 'vit_h'")
+    vision_merge: int = _f(
+        1, "merge k x k neighbouring vision patches into one LLM token (concatenated channels)"
+    )
     image_pos: bool = _f(
         True,
         "add SAM's positional encoding of each patch centre to the image tokens, so [SEG] can "
         "point in SAM's coordinates (off for published LISA checkpoints)",
+    )
+    # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
+    projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
+    vision_select_layer: int = _f(
+        -1, "vision tower layer whose patch tokens the LLM sees (-1 last, LLaVA uses -2)"
+    )
+    vision_resize: str = _f(
+        "pad",
+        "vision tower input: 'pad' (longest side + pad, like SAM) or 'crop' (CLIP's shortest "
+        "side + centre crop, as LLaVA / LISA were trained)",
+    )
+    llm_kv_heads: int = _f(0, "LLM key/value heads (0 = llm_heads, no grouped-query attention)")
+    llm_norm_eps: float = _f(1e-6, "LLM RMSNorm epsilon")
+    rope_theta: float = _f(10000.0, "LLM rotary embedding base")
+    tie_embeddings: bool = _f(True, "LM head shares the input embedding matrix")
+    chat_format: str = _f(
+        "segapp", "prompt template: 'segapp' (tiny), 'llava_v1' or 'llava_llama_2' (LISA / LLaVA)"
     )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, except checkpoint-only ones left at their default (so a tiny model's
+        config.json keeps exactly the keys it always had)."""
+        data = dataclasses.asdict(self)
+        for name in CHECKPOINT_ONLY_FIELDS:
+            if data[name] == _DEFAULTS[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -64,6 +90,20 @@ class ModelConfig:
 
             raise ModelError(f"unknown model config fields {unknown}", "config.json")
         return cls(**data)
+
+
+# fields added for published checkpoints; written to config.json only when not at the default
+CHECKPOINT_ONLY_FIELDS = (
+    "projector",
+    "vision_select_layer",
+    "vision_resize",
+    "llm_kv_heads",
+    "llm_norm_eps",
+    "rope_theta",
+    "tie_embeddings",
+    "chat_format",
+)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclass(frozen=True)
@@ -101,5 +141,44 @@ class TrainConfig:
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),
+    # the vision tower reads the synthetic world at full resolution (256 px, 16 x 16 patches,
+    # fine enough to tell shapes apart) and the LLM sees 2 x 2-merged tokens (8 x 8 = 64)
+    "tiny": ModelConfig(vision_image_size=256, vision_layers=3, vision_merge=2),
+}
+
+
+@dataclass(frozen=True)
+class CheckpointPreset:
+    """A published checkpoint: where it lives under weights/, where it is fetched from, how to
+    talk to it. Its shapes are read from the checkpoint's own config.json at load time."""
+
+    hub_repo: str = _f("", "Hugging Face repo id `segapp weights fetch` downloads")
+    chat_format: str = _f("llava_v1", "conversation template the checkpoint was trained with")
+    vision_tower: str = _f(
+        "clip-vit-large-patch14", "weights/ folder of the CLIP tower (LISA does not store it)"
+    )
+    description: str = _f("", "one line for `segapp weights list` and --help")
+
+
+# preset name -> published checkpoint; LISA's own chat.py uses the llava_v1 template for all of
+# them (llama2 variants included)
+CHECKPOINT_PRESETS: dict[str, CheckpointPreset] = {
+    "lisa-7b": CheckpointPreset(
+        "xinlai/LISA-7B-v1", description="LISA-7B-v1, LLaVA-Lightning-7B inside"
+    ),
+    "lisa-7b-explanatory": CheckpointPreset(
+        "xinlai/LISA-7B-v1-explanatory", description="LISA-7B-v1, explains its answers"
+    ),
+    "lisa-13b": CheckpointPreset(
+        "xinlai/LISA-13B-llama2-v1", description="LISA-13B-llama2-v1, LLaVA LLaMA-2-13B inside"
+    ),
+    "lisa-13b-explanatory": CheckpointPreset(
+        "xinlai/LISA-13B-llama2-v1-explanatory",
+        description="LISA-13B-llama2-v1, explains its answers",
+    ),
+}
+
+# other fetchable pieces (no model of their own): the CLIP tower the LISA checkpoints name
+AUXILIARY_WEIGHTS: dict[str, str] = {
+    "clip-vit-large-patch14": "openai/clip-vit-large-patch14",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from segapp.build import Bundle, load_model
 from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
+from segapp.modeling.segllm import Generation, SegLLM
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 
@@ -69,6 +71,17 @@ class ImageCache:
     sam_embedding: torch.Tensor  # 1 x D x h x w
 
 
+@dataclass
+class Prepared:
+    """One image normalised for both encoders (CPU work, safe to do in worker threads)."""
+
+    key: str  # sha1 of the pixels
+    original_size: tuple[int, int]  # (H, W)
+    sam_input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
+    vision: torch.Tensor  # 3 x V x V, CLIP-normalised
+    sam: torch.Tensor  # 3 x S x S, SAM-normalised and padded
+
+
 def mask_labels(answer: str, count: int) -> list[str]:
     """A short label per `[SEG]`: the phrase just before it in the answer ("small red circle")."""
     pieces = answer.split(SEG_TOKEN)[:count]
@@ -99,6 +112,15 @@ class Segmenter:
     def device(self) -> torch.device:
         return self.model.device
 
+    def prepare(self, image: Any) -> Prepared:
+        """Normalise `image` (HxW[xC] array or PIL image) for both encoders; no model call."""
+        rgb = to_rgb_array(image)
+        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
+        cfg = self.bundle.config
+        vis, _ = vision_tensor(rgb, cfg.vision_image_size, crop=cfg.vision_resize == "crop")
+        sam_px, input_size = sam_tensor(rgb, self.model.sam.image_encoder.img_size)
+        return Prepared(key, (rgb.shape[0], rgb.shape[1]), input_size, vis, sam_px)
+
     @torch.inference_mode()
     def set_image(self, image: Any) -> ImageCache:
         """Encode `image` (HxW[xC] array or PIL image) with both encoders and cache the result."""
@@ -108,7 +130,7 @@ class Segmenter:
             return self.cache
         cfg = self.bundle.config
         t0 = time.perf_counter()
-        vis, _ = vision_tensor(rgb, cfg.vision_image_size)
+        vis, _ = vision_tensor(rgb, cfg.vision_image_size, crop=cfg.vision_resize == "crop")
         tokens = self.model.encode_vision(vis[None].to(self.device))
         self.encoder_calls["vision"] += 1
         t1 = time.perf_counter()
@@ -121,40 +143,71 @@ class Segmenter:
         return self.cache
 
     @torch.inference_mode()
+    def encode_batch(self, images: Sequence[Prepared]) -> list[ImageCache]:
+        """Run both encoders once on B prepared images (B x 3 x V x V and B x 3 x S x S).
+
+        Returns one cache per image (not made current). A lone image is encoded next to a
+        copy of itself: on CPU a batch of one takes other kernels for some layers (SAM's 3x3
+        neck conv) whose float results differ in the last bits, so this keeps every image's
+        encoding independent of how images were grouped into batches.
+        """
+        if not images:
+            return []
+        group = list(images) if len(images) > 1 else [images[0], images[0]]
+        vis = torch.stack([p.vision for p in group]).to(self.device)
+        sam_px = torch.stack([p.sam for p in group]).to(self.device)
+        tokens = self.model.encode_vision(vis)
+        emb = self.model.encode_sam(sam_px)
+        self.encoder_calls["vision"] += 1
+        self.encoder_calls["sam"] += 1
+        return [
+            ImageCache(p.key, p.original_size, p.sam_input_size, tokens[i : i + 1], emb[i : i + 1])
+            for i, p in enumerate(images)
+        ]
+
+    def prompt_ids(self, instruction: str) -> tuple[str, list[int]]:
+        """The checked instruction and its prompt token ids; `InputError` if unusable."""
+        text = check_instruction(instruction)
+        ids = self.bundle.chat.prompt_ids(text)
+        max_len = self.bundle.config.max_positions
+        if len(ids) >= max_len - 4:
+            raise InputError(
+                f"instruction is too long for this model ({len(ids)} tokens with the image, "
+                f"limit {max_len - 4})",
+                "instruction",
+            )
+        return text, ids
+
+    def _masks(self, answer: str, gen: Generation, cache: ImageCache) -> list[MaskResult]:
+        """One mask per `[SEG]` hidden state, at the original image size."""
+        if not len(gen.seg_hidden):
+            return []
+        prompts = self.model.seg_prompts(gen.seg_hidden)
+        low, iou = self.model.decode_masks(cache.sam_embedding, prompts[:, None, :])
+        logits = postprocess_logits(
+            low,
+            cache.sam_input_size,
+            cache.original_size,
+            self.model.sam.image_encoder.img_size,
+        )
+        binary = (logits > 0).cpu().numpy()
+        scores = iou[:, 0].float().clamp(0, 1).cpu().tolist()
+        labels = mask_labels(answer, len(binary))
+        return [MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)]
+
+    @torch.inference_mode()
     def predict(self, instruction: str) -> Result:
         """Answer `instruction` about the current image; one mask per `[SEG]` in the answer."""
         if self.cache is None:
             raise InputError("no image set: call set_image(image) before predict()", "Segmenter")
-        text = check_instruction(instruction)
-        chat, cache = self.bundle.chat, self.cache
+        text, prompt = self.prompt_ids(instruction)
+        cache = self.cache
         t0 = time.perf_counter()
-        ids = torch.tensor([chat.prompt_ids(text)], device=self.device)
-        max_len = self.bundle.config.max_positions
-        if ids.shape[1] >= max_len - 4:
-            raise InputError(
-                f"instruction is too long for this model ({ids.shape[1]} tokens with the image, "
-                f"limit {max_len - 4})",
-                "instruction",
-            )
+        ids = torch.tensor([prompt], device=self.device)
         gen = self.model.generate(ids, cache.image_tokens, max_new_tokens=self.max_new_tokens)
         t1 = time.perf_counter()
-        answer = chat.decode(gen.token_ids)
-        masks: list[MaskResult] = []
-        if len(gen.seg_hidden):
-            prompts = self.model.seg_prompts(gen.seg_hidden)
-            low, iou = self.model.decode_masks(cache.sam_embedding, prompts[:, None, :])
-            logits = postprocess_logits(
-                low,
-                cache.sam_input_size,
-                cache.original_size,
-                self.model.sam.image_encoder.img_size,
-            )
-            binary = (logits > 0).cpu().numpy()
-            scores = iou[:, 0].float().clamp(0, 1).cpu().tolist()
-            labels = mask_labels(answer, len(binary))
-            masks = [
-                MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)
-            ]
+        answer = self.bundle.chat.decode(gen.token_ids)
+        masks = self._masks(answer, gen, cache)
         t2 = time.perf_counter()
         timings = {
             "llm_prefill": gen.prefill_s,
@@ -166,7 +219,89 @@ class Segmenter:
         }
         return Result(text, answer, masks, timings)
 
+    @torch.inference_mode()
+    def predict_batch(self, queries: Sequence[tuple[ImageCache, str]]) -> list[Result]:
+        """`predict` for many (image cache, instruction) pairs, decoding them together.
+
+        Pairs whose prompts have the same token length share one batched greedy decoding
+        (no padding, so every row computes exactly what `predict` computes alone); masks are
+        decoded per pair. Bad instructions raise `InputError` before any model call.
+        """
+        prompts = [self.prompt_ids(instruction) for _, instruction in queries]
+        by_length: dict[int, list[int]] = {}
+        for index, (_, prompt) in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        results: list[Result | None] = [None] * len(queries)
+        for indices in by_length.values():
+            ids = torch.tensor([prompts[i][1] for i in indices], device=self.device)
+            tokens = torch.cat([queries[i][0].image_tokens for i in indices])
+            gens = generate_batch(self.model, ids, tokens, max_new_tokens=self.max_new_tokens)
+            for i, gen in zip(indices, gens, strict=True):
+                answer = self.bundle.chat.decode(gen.token_ids)
+                timings = {
+                    "llm_prefill": gen.prefill_s,
+                    "generation": gen.decode_s,
+                    "prompt_tokens": float(gen.prefill_tokens),
+                    "new_tokens": float(len(gen.token_ids)),
+                }
+                masks = self._masks(answer, gen, queries[i][0])
+                results[i] = Result(prompts[i][0], answer, masks, timings)
+        return [r for r in results if r is not None]
+
     def segment(self, image: Any, instruction: str) -> Result:
         """set_image + predict in one call."""
         self.set_image(image)
         return self.predict(instruction)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: SegLLM, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int
+) -> list[Generation]:
+    """Greedy decoding of B equal-length prompts at once (input_ids B x L, images B x N x H).
+
+    Same steps as `SegLLM.generate` for each row; a row that has emitted `</s>` keeps riding
+    along (its outputs are ignored) until every row is done. Wall times are shared equally.
+    """
+    t0 = time.perf_counter()
+    batch = input_ids.shape[0]
+    embeds = model.embed_inputs(input_ids, image_tokens)
+    out = model.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+    past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+    t1 = time.perf_counter()
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    limit = model.llm.config.max_position_embeddings - input_ids.shape[1]
+    for _ in range(min(max_new_tokens, limit)):
+        next_ids = logits.argmax(-1).tolist()
+        for row, next_id in enumerate(next_ids):
+            if done[row]:
+                continue
+            if next_id == model.eos_token_id:
+                done[row] = True
+                continue
+            tokens[row].append(next_id)
+            if next_id == model.seg_token_id:
+                seg_hidden[row].append(hidden[row])
+        if all(done):
+            break
+        step = model.llm.get_input_embeddings()(
+            torch.tensor(next_ids, device=model.device)[:, None]
+        )
+        out = model.llm(
+            inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
+        )
+        past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+    t2 = time.perf_counter()
+    width = model.llm.config.hidden_size
+    return [
+        Generation(
+            tokens[row],
+            torch.stack(seg_hidden[row]) if seg_hidden[row] else embeds.new_zeros(0, width),
+            int(input_ids.shape[1]),
+            (t1 - t0) / batch,
+            (t2 - t1) / batch,
+        )
+        for row in range(batch)
+    ]

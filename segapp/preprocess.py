@@ -38,8 +38,23 @@ def sam_tensor(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, i
     return image_tensor(image, size, SAM_MEAN, SAM_STD)
 
 
-def vision_tensor(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    return image_tensor(image, size, CLIP_MEAN, CLIP_STD)
+def vision_tensor(
+    image: np.ndarray, size: int, *, crop: bool = False
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Vision tower input. crop=False: longest side + pad (the tiny model's convention, returns
+    (h, w) before the pad); crop=True: CLIPImageProcessor's shortest side to `size` (bicubic)
+    then a centre crop, as LLaVA / LISA were trained (returns (size, size))."""
+    if not crop:
+        return image_tensor(image, size, CLIP_MEAN, CLIP_STD)
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    h, w = max(size, int(round(height * scale))), max(size, int(round(width * scale)))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[0, :, top : top + size, left : left + size].clamp(0, 255)
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return x, (size, size)
 
 
 def mask_tensor(masks: np.ndarray, size: int) -> torch.Tensor:

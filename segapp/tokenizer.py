@@ -104,3 +104,94 @@ class ChatFormat:
         text = str(self.tokenizer.decode(keep, skip_special_tokens=False)).strip()
         text = re.sub(r"(?<=\S)\[SEG\]", " " + SEG_TOKEN, text)
         return text[:1].upper() + text[1:]
+
+
+# ---- LLaVA conversation templates (what LLaVA / LISA checkpoints were trained with) ------------
+IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"
+_LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+_LLAVA_LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+LLAVA_TEMPLATES = ("llava_v1", "llava_llama_2")
+
+
+@dataclass(frozen=True)
+class LlavaChatFormat(ChatFormat):
+    """LLaVA's conversation format over a checkpoint's own tokenizer (AutoTokenizer).
+
+    llava_v1:       `<s>{system} USER: <im_start><image><im_end>\\n{instruction} ASSISTANT:`
+    llava_llama_2:  `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n<image>\\n{instruction} [/INST]`
+    `<im_start>`/`<im_end>` wrap the image when the tokenizer has them (LISA: mm_use_im_start_end).
+    As LLaVA's `tokenizer_image_token` does, the text on each side of `<image>` is tokenized on its
+    own (BOS kept only on the first piece) and the N image slots go in between. LLaVA marks the
+    slot with id -200, which no embedding row has; here a slot is a real id whose embedding is
+    overwritten: `<image>` or `<im_patch>` when the vocabulary has one, else `<unk>` (stripped
+    from the text pieces, so user text cannot fake a slot).
+    """
+
+    template: str = "llava_v1"
+
+    @cached_property
+    def image_id(self) -> int:
+        vocab = self.tokenizer.get_vocab()
+        for token in (IMAGE_TOKEN, IM_PATCH):
+            if token in vocab:
+                return int(vocab[token])
+        unk = self.tokenizer.unk_token_id
+        if not isinstance(unk, int):
+            raise TypeError("tokenizer has no <image>, <im_patch> or <unk> token for image slots")
+        return unk
+
+    @cached_property
+    def wraps_image(self) -> bool:
+        vocab = self.tokenizer.get_vocab()
+        return IM_START in vocab and IM_END in vocab
+
+    def prompt_text(self, instruction: str) -> str:
+        image = f"{IM_START}{IMAGE_TOKEN}{IM_END}" if self.wraps_image else IMAGE_TOKEN
+        message = f"{image}\n{instruction.strip()}"
+        if self.template == "llava_llama_2":
+            return f"[INST] <<SYS>>\n{_LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{message} [/INST]"
+        if self.template != "llava_v1":
+            raise ValueError(f"unknown LLaVA template {self.template!r}")
+        return f"{_LLAVA_V1_SYSTEM} USER: {message} ASSISTANT:"
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        before, after = self.prompt_text(instruction).split(IMAGE_TOKEN, 1)
+        bos = self.tokenizer.bos_token_id
+        first = self._encode(before)
+        rest = self._encode(after)
+        if bos is not None and rest[:1] == [bos]:
+            rest = rest[1:]
+        return [*first, *[self.image_id] * self.image_tokens, *rest]
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text)["input_ids"]  # special tokens as the tokenizer adds them (BOS)
+        return [i for i in ids if i != self.image_id]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+        return [*ids, self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        # LLaMA's tokenizer starts a new word after an added token ("[SEG]", "▁."): no space
+        return re.sub(r"\[SEG\] (?=[.,;:!?])", SEG_TOKEN, super().decode(ids))
+
+
+def chat_format_for(name: str, tokenizer: PreTrainedTokenizerFast, image_tokens: int) -> ChatFormat:
+    """The chat format a ModelConfig.chat_format names."""
+    if name == "segapp":
+        return ChatFormat(tokenizer, image_tokens)
+    if name in LLAVA_TEMPLATES:
+        return LlavaChatFormat(tokenizer, image_tokens, template=name)
+    from segapp.errors import ModelError
+
+    choices = ", ".join(("segapp", *LLAVA_TEMPLATES))
+    raise ModelError(
+        f"unknown chat format {name!r}: use one of {choices}", "ModelConfig.chat_format"
+    )

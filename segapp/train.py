@@ -62,24 +62,28 @@ def decode_per_image(
     return logits, ious
 
 
-class PatchProbe(torch.nn.Module):
-    """Training-only linear heads reading colour/shape/size/texture off each vision patch token.
+class ObjectProbe(torch.nn.Module):
+    """Training-only linear heads reading colour/shape/size/texture off each object's patches.
 
-    A dense, cheap signal that teaches the from-scratch vision tower what the LLM will need
-    to talk about; it is not part of the saved model.
+    Each object's feature is the mean of the vision patch tokens weighted by how much of each
+    patch it covers, so the tower learns to describe whole objects (a shape is a property of
+    the outline, not of one interior patch). A cheap, dense signal that teaches the
+    from-scratch tower what the LLM will talk about; it is not part of the saved model.
     """
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleList(
-            torch.nn.Linear(width, len(names) + 1) for names in ATTRIBUTES
-        )
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, len(names)) for names in ATTRIBUTES)
 
-    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """feats B x N x C patch tokens, labels B x 4 x g x g -> mean CE over the 4 heads."""
-        flat = labels.flatten(2)  # B x 4 x N
+    def forward(
+        self, feats: torch.Tensor, cover: torch.Tensor, attrs: torch.Tensor
+    ) -> torch.Tensor:
+        """feats B x N x C, cover B x K x N, attrs B x K x 4 (-100 = padding) -> mean CE."""
+        weights = cover / cover.sum(-1, keepdim=True).clamp_min(1e-6)
+        pooled = torch.einsum("bkn,bnc->bkc", weights, feats)
         losses = [
-            F.cross_entropy(h(feats).transpose(1, 2), flat[:, a]) for a, h in enumerate(self.heads)
+            F.cross_entropy(h(pooled).flatten(0, 1), attrs[..., a].flatten())
+            for a, h in enumerate(self.heads)
         ]
         return torch.stack(losses).mean()
 
@@ -96,10 +100,13 @@ class PointerHead(torch.nn.Module):
         self.q = torch.nn.Linear(width, dim)
         self.k = torch.nn.Linear(width, dim)
 
-    def forward(self, seg: torch.Tensor, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """seg M x H, image M x N x H (hidden states of each [SEG]'s image tokens), target M."""
+    def forward(self, seg: torch.Tensor, image: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        """seg M x H, image M x N x H (hidden states of each [SEG]'s image tokens), cover M x N
+        (share of each token the target covers). Loss: -log P(pointing at any target token)."""
         scores = torch.einsum("md,mnd->mn", self.q(seg), self.k(image)) / self.q.out_features**0.5
-        return F.cross_entropy(scores, target)
+        on = (cover >= 0.2) | (cover == cover.amax(-1, keepdim=True))
+        hit = scores.masked_fill(~on, float("-inf")).logsumexp(-1)
+        return (scores.logsumexp(-1) - hit).mean()
 
 
 class AuxHeads(torch.nn.Module):
@@ -107,16 +114,8 @@ class AuxHeads(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.probe = PatchProbe(cfg.vision_hidden)
+        self.probe = ObjectProbe(cfg.vision_hidden)
         self.pointer = PointerHead(cfg.llm_hidden)
-
-
-def target_patches(points: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """M x 2 points in the SAM frame -> M indices of the vision patch holding each."""
-    grid = cfg.vision_image_size // cfg.vision_patch
-    cell = cfg.sam_image_size / grid
-    ij = (points / cell).long().clamp(0, grid - 1)
-    return ij[:, 1] * grid + ij[:, 0]
 
 
 def forward_losses(
@@ -139,7 +138,7 @@ def forward_losses(
         w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
     )
     feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
-    probe_loss = aux.probe(feats, batch.patch_labels)
+    probe_loss = aux.probe(feats, batch.object_cover, batch.object_attrs)
     terms = {"point_dice": point["dice"], "probe": probe_loss}
     if not joint:
         terms["total"] = sam_total + probe_loss
@@ -166,9 +165,7 @@ def forward_losses(
         anchor = F.mse_loss(prompts, model.point_token(batch.seg_points).detach())
         slots = batch.input_ids == model.image_token_id
         image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
-        pointer = aux.pointer(
-            hidden, image_hidden[batch.seg_query], target_patches(batch.seg_points, cfg)
-        )
+        pointer = aux.pointer(hidden, image_hidden[batch.seg_query], batch.seg_cover)
         total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
         total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
         total = total + w.pointer_weight * pointer
@@ -209,6 +206,9 @@ def train(
     from segapp.data.instructions import iter_corpus
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # AdamW's second moments of rarely-used rows decay into float32 denormals after ~1000 steps
+    # (beta2 = 0.95); on CPU denormal arithmetic is ~10x slower, so flush them to zero
+    torch.set_flush_denormal(True)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)

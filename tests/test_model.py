@@ -210,3 +210,33 @@ def test_result_json_keys() -> None:
     assert list(row) == ["image", "instruction", "answer", "masks"]
     assert row["image"] == "a.png" and len(row["masks"]) == 1
     assert set(row["masks"][0]) == set(record)
+
+
+# ---- image tokens ------------------------------------------------------------------------------
+def test_merged_tokens_hold_their_own_block_of_patches(random_model_dir: Path) -> None:
+    """With vision_merge k, token (i, j) is the projector of patches (ki..ki+k-1, kj..kj+k-1)."""
+    model = load_bundle(random_model_dir).model
+    k = model.vision_merge
+    assert k == 2
+    grid, width = 16, 128
+    feats = torch.randn(1, grid * grid, width)
+    tokens = model.project(feats, 256)
+    assert tokens.shape == (1, (grid // k) ** 2, model.llm.config.hidden_size)
+    patches = feats.reshape(grid, grid, width)
+    i, j = 3, 5
+    block = torch.cat([patches[k * i + a, k * j + b] for a in range(k) for b in range(k)])
+    expected = model.projector(block) + model.image_pos(model.patch_position_encoding(64, 256))[
+        i * (grid // k) + j
+    ]
+    torch.testing.assert_close(tokens[0, i * (grid // k) + j], expected)
+
+
+def test_patch_positions_follow_sam_point_encoding(random_model_dir: Path) -> None:
+    """A token's position code is SAM's encoding of its patch centre in SAM's input frame."""
+    model = load_bundle(random_model_dir).model
+    pe = model.patch_position_encoding(64, 256)  # 8 x 8 tokens over a 256 px vision input
+    sam_size = model.sam.image_encoder.img_size
+    centre = torch.tensor([[[(5 + 0.5) * sam_size / 8, (2 + 0.5) * sam_size / 8]]])
+    prompt = model.sam.prompt_encoder
+    expected = prompt.pe_layer.forward_with_coords(centre, prompt.input_image_size)[0, 0]
+    torch.testing.assert_close(pe[2 * 8 + 5], expected)

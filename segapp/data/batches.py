@@ -35,9 +35,9 @@ class TrainBatch:
     point_image: torch.Tensor  # P
     point_masks: torch.Tensor  # P x S x S
     seg_points: torch.Tensor  # M x 2 most interior point of each [SEG] target (SAM frame)
-    patch_labels: (
-        torch.Tensor
-    )  # B x 4 x g x g attribute ids (colour, shape, size, texture; 0 = none)
+    object_cover: torch.Tensor  # B x K x N share of each vision patch each object covers (0 pad)
+    object_attrs: torch.Tensor  # B x K x 4 colour/shape/size/texture ids (-100 = no object)
+    seg_cover: torch.Tensor  # M x N' share of each LLM image token each [SEG] target covers
     kinds: list[str]
 
 
@@ -57,27 +57,31 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
 
 
 ATTRIBUTES = (tuple(COLORS), SHAPES, SIZES, TEXTURES)
+MAX_OBJECTS = 12  # padding bound of the per-scene object tensors
 
 
-def patch_labels(scene: Scene, grid: int) -> torch.Tensor:
-    """4 x grid x grid attribute ids of the object covering most of each patch (0 = background).
+def patch_cover(masks: np.ndarray, grid: int) -> torch.Tensor:
+    """K x H x W bool masks -> K x grid^2: the share of each encoder patch each mask covers.
 
-    Supervises the vision tower's patch tokens during training (a probe head, not saved).
+    Images are padded bottom/right to a square before the encoders, and so are the masks here.
     """
-    k, h, w = scene.masks.shape
-    side = max(h, w)  # images are padded bottom/right to a square before the encoder
-    padded = np.zeros((k, side, side), np.float32)
-    padded[:, :h, :w] = scene.masks
-    cover = cv2.resize(padded.transpose(1, 2, 0), (grid, grid), interpolation=cv2.INTER_AREA)
-    cover = cover.reshape(grid, grid, k).transpose(2, 0, 1)
-    best = cover.argmax(0)
-    labels = np.zeros((4, grid, grid), np.int64)
-    for i, obj in enumerate(scene.objects):
-        sel = (best == i) & (cover[i] >= 0.25)
-        values = (obj.color, obj.shape, obj.size, obj.texture)
-        for a, (names, value) in enumerate(zip(ATTRIBUTES, values, strict=True)):
-            labels[a][sel] = names.index(value) + 1
-    return torch.from_numpy(labels)
+    k, h, w = masks.shape
+    if k == 0:
+        return torch.zeros(0, grid * grid)
+    side = max(h, w)
+    padded = np.zeros((side, side, k), np.float32)
+    padded[:h, :w] = masks.transpose(1, 2, 0)
+    cover = cv2.resize(padded, (grid, grid), interpolation=cv2.INTER_AREA).reshape(grid, grid, k)
+    return torch.from_numpy(np.ascontiguousarray(cover.transpose(2, 0, 1).reshape(k, -1)))
+
+
+def object_attributes(scene: Scene) -> torch.Tensor:
+    """K x 4 attribute ids (colour, shape, size, texture) of the scene's objects."""
+    rows = []
+    for o in scene.objects:
+        values = (o.color, o.shape, o.size, o.texture)
+        rows.append([names.index(v) for names, v in zip(ATTRIBUTES, values, strict=True)])
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
 
 
 def make_batch(
@@ -91,13 +95,18 @@ def make_batch(
     points_per_image: int = 3,
 ) -> TrainBatch:
     sam_px, vis_px, rows, masks, seg_query, kinds = [], [], [], [], [], []
-    query_image, pts, pt_img, pt_masks, seg_pts, probes = [], [], [], [], [], []
+    query_image, pts, pt_img, pt_masks, seg_pts, seg_cover = [], [], [], [], [], []
     grid = cfg.vision_image_size // cfg.vision_patch
+    token_grid = grid // cfg.vision_merge
+    obj_cover = torch.zeros(images, MAX_OBJECTS, grid * grid)
+    obj_attrs = torch.full((images, MAX_OBJECTS, 4), -100, dtype=torch.long)
     for b in range(images):
         scene = generate_scene(rng, split)
         sam_px.append(sam_tensor(scene.image, cfg.sam_image_size)[0])
         vis_px.append(vision_tensor(scene.image, cfg.vision_image_size)[0])
-        probes.append(patch_labels(scene, grid))
+        n_obj = min(len(scene.objects), MAX_OBJECTS)
+        obj_cover[b, :n_obj] = patch_cover(scene.masks[:n_obj], grid)
+        obj_attrs[b, :n_obj] = object_attributes(scene)[:n_obj]
         scale = cfg.sam_image_size / max(scene.image.shape[:2])
         order = rng.permutation(len(scene.objects))[:points_per_image]
         for k in order:
@@ -112,6 +121,7 @@ def make_batch(
             kinds.append(q.kind)
             if q.targets:
                 masks.append(mask_tensor(scene.masks[list(q.targets)], cfg.sam_image_size))
+                seg_cover.append(patch_cover(scene.masks[list(q.targets)], token_grid))
                 seg_query.extend([len(rows) - 1] * len(q.targets))
                 for k in q.targets:
                     x, y = deepest_point(scene.masks[k])
@@ -139,7 +149,9 @@ def make_batch(
         point_image=torch.tensor(pt_img, dtype=torch.long),
         point_masks=torch.cat(pt_masks),
         seg_points=torch.tensor(seg_pts, dtype=torch.float32).reshape(-1, 2),
-        patch_labels=torch.stack(probes),
+        object_cover=obj_cover,
+        object_attrs=obj_attrs,
+        seg_cover=torch.cat(seg_cover) if seg_cover else torch.zeros(0, token_grid**2),
         kinds=kinds,
     )
 

@@ -6,6 +6,7 @@ Hyperparameters live here and in `segapp.config`; the modules themselves take bu
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from segment_anything.modeling import (
     ImageEncoderViT,
@@ -41,13 +42,27 @@ def build_vision_tower(cfg: ModelConfig) -> CLIPVisionModel:
     )
 
 
-def build_projector(cfg: ModelConfig) -> nn.Sequential:
-    """LLaVA-1.5 style two-layer MLP from vision width to LLM width."""
+def build_projector(cfg: ModelConfig) -> nn.Module:
+    """Vision width -> LLM width: LLaVA-1.5's two-layer MLP ('mlp2x_gelu', the tiny model's) or
+    LLaVA-v1's single Linear ('linear', what LISA's `mm_projector` is)."""
+    width = cfg.vision_hidden * cfg.vision_merge**2
+    if cfg.projector == "linear":
+        return nn.Linear(width, cfg.llm_hidden)
+    if cfg.projector != "mlp2x_gelu":
+        from segapp.errors import ModelError
+
+        raise ModelError(f"unknown projector {cfg.projector!r}", "ModelConfig.projector")
     return nn.Sequential(
-        nn.Linear(cfg.vision_hidden, cfg.llm_hidden),
+        nn.Linear(width, cfg.llm_hidden),
         nn.GELU(),
         nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
     )
+
+
+def _rope(cfg: ModelConfig) -> dict[str, Any]:
+    """rope_theta only when it differs from LLaMA's default (transformers 5 folds it into
+    rope_parameters; 4.x reads it directly: both accept the keyword)."""
+    return {} if cfg.rope_theta == 10000.0 else {"rope_theta": cfg.rope_theta}
 
 
 def build_llm(cfg: ModelConfig) -> LlamaForCausalLM:
@@ -58,12 +73,14 @@ def build_llm(cfg: ModelConfig) -> LlamaForCausalLM:
             intermediate_size=cfg.llm_mlp,
             num_hidden_layers=cfg.llm_layers,
             num_attention_heads=cfg.llm_heads,
-            num_key_value_heads=cfg.llm_heads,
+            num_key_value_heads=cfg.llm_kv_heads or cfg.llm_heads,
             max_position_embeddings=cfg.max_positions,
-            tie_word_embeddings=True,
+            rms_norm_eps=cfg.llm_norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
+            **_rope(cfg),
         )
     )
 

@@ -47,6 +47,8 @@ class SegLLM(nn.Module):
         image_token_id: int,
         seg_token_id: int,
         eos_token_id: int,
+        vision_select_layer: int = -1,
+        vision_merge: int = 1,
     ) -> None:
         super().__init__()
         self.vision_tower = vision_tower
@@ -58,6 +60,8 @@ class SegLLM(nn.Module):
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
+        self.vision_merge = vision_merge
+        self.vision_select_layer = vision_select_layer  # LLaVA takes the second-to-last layer
 
     @property
     def device(self) -> torch.device:
@@ -67,11 +71,25 @@ class SegLLM(nn.Module):
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x V x V (CLIP-normalised) -> B x N x H projected patch tokens (CLS dropped)."""
         dtype = next(self.projector.parameters()).dtype
-        feats = self.vision_tower(pixel_values=pixels.to(dtype)).last_hidden_state[:, 1:]
+        if self.vision_select_layer == -1:
+            feats = self.vision_tower(pixel_values=pixels.to(dtype)).last_hidden_state[:, 1:]
+        else:
+            out = self.vision_tower(pixel_values=pixels.to(dtype), output_hidden_states=True)
+            feats = out.hidden_states[self.vision_select_layer][:, 1:]
         return self.project(feats, pixels.shape[-1])
 
     def project(self, feats: torch.Tensor, vision_size: int) -> torch.Tensor:
-        """B x N x C vision features -> B x N x H LLM tokens (+ patch-centre positions)."""
+        """B x N x C vision features -> B x N' x H LLM tokens (+ patch-centre positions).
+
+        With vision_merge k > 1, each k x k block of patches becomes one token whose input is
+        the block's features concatenated (N' = N / k^2), before the projector.
+        """
+        k = self.vision_merge
+        if k > 1:
+            b, n, c = feats.shape
+            g = int(round(n**0.5))
+            feats = feats.reshape(b, g // k, k, g // k, k, c).permute(0, 1, 3, 2, 4, 5)
+            feats = feats.reshape(b, (g // k) ** 2, k * k * c)
         tokens = self.projector(feats)
         if self.image_pos is not None:
             tokens = tokens + self.image_pos(
