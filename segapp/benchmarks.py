@@ -11,7 +11,12 @@ import numpy as np
 import torch
 
 from segapp.build import load_model
-from segapp.modeling.builders import build_sam, build_text_hidden_fcs, count_parameters
+from segapp.modeling.builders import (
+    build_image_pos,
+    build_sam,
+    build_text_hidden_fcs,
+    count_parameters,
+)
 from segapp.predictor import Segmenter
 
 
@@ -42,6 +47,7 @@ def bench_image(model: str = "tiny", *, sam: str | None = None, repeats: int = 3
         cfg = bundle.config.replace(sam_variant=sam, prompt_dim=256)
         bundle.model.sam = build_sam(cfg).eval()
         bundle.model.text_hidden_fcs = build_text_hidden_fcs(cfg).eval()
+        bundle.model.image_pos = build_image_pos(cfg)  # its input is SAM's prompt width
         bundle.config = cfg
     seg = Segmenter(bundle)
     image = _bench_image_array()

@@ -110,8 +110,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 class TrainConfig:
     """Schedule of `segapp train` (two stages: SAM warm-up on point prompts, then joint)."""
 
-    steps: int = _f(2600, "joint-stage optimisation steps")
-    sam_warmup_steps: int = _f(500, "stage-1 steps training SAM alone from point prompts")
+    steps: int = _f(2500, "joint-stage optimisation steps")
+    sam_warmup_steps: int = _f(300, "stage-1 steps training SAM alone from point prompts")
     images_per_batch: int = _f(8, "scenes per step; image encoders run once per scene")
     queries_per_image: int = _f(3, "instructions per scene (LISA-style several conversations)")
     lr: float = _f(2e-3, "peak AdamW learning rate")
