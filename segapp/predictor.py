@@ -88,7 +88,8 @@ def mask_labels(answer: str, count: int) -> list[str]:
     labels = []
     for i, piece in enumerate(pieces):
         phrase = re.split(r"[,:;.!?]", piece)[-1].strip().lower()
-        phrase = _LEAD.sub("", phrase).strip()
+        while (stripped := _LEAD.sub("", phrase).strip()) != phrase:  # "so it is the ..."
+            phrase = stripped
         phrase = re.sub(r"^(?:the|a|an)\s+", "", phrase)
         labels.append(phrase or f"target {i + 1}")
     return labels

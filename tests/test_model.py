@@ -225,9 +225,10 @@ def test_merged_tokens_hold_their_own_block_of_patches(random_model_dir: Path) -
     patches = feats.reshape(grid, grid, width)
     i, j = 3, 5
     block = torch.cat([patches[k * i + a, k * j + b] for a in range(k) for b in range(k)])
-    expected = model.projector(block) + model.image_pos(model.patch_position_encoding(64, 256))[
-        i * (grid // k) + j
-    ]
+    expected = (
+        model.projector(block)
+        + model.image_pos(model.patch_position_encoding(64, 256))[i * (grid // k) + j]
+    )
     torch.testing.assert_close(tokens[0, i * (grid // k) + j], expected)
 
 
@@ -240,3 +241,11 @@ def test_patch_positions_follow_sam_point_encoding(random_model_dir: Path) -> No
     prompt = model.sam.prompt_encoder
     expected = prompt.pe_layer.forward_with_coords(centre, prompt.input_image_size)[0, 0]
     torch.testing.assert_close(pe[2 * 8 + 5], expected)
+
+
+def test_mask_labels_drop_lead_in_words() -> None:
+    from segapp.predictor import mask_labels
+
+    answer = "A banana is yellow, so it is the medium striped yellow star [SEG]."
+    assert mask_labels(answer, 1) == ["medium striped yellow star"]
+    assert mask_labels("Sure, [SEG].", 1) == ["target 1"]
