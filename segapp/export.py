@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import io
 import math
 import os
 import tempfile
@@ -271,11 +272,20 @@ def save_png(path: Path, array: np.ndarray) -> None:
             "(need bool/uint8 H x W or uint8 H x W x 3/4)",
             str(path),
         )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``:
+    readers see the old file or the new one, never half of it. The parent is created."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fp:
-            image.save(fp, format="PNG")
+            fp.write(data)
             fp.flush()
             os.fsync(fp.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600

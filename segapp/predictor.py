@@ -19,7 +19,7 @@ import torch
 from segapp.build import Bundle, load_model
 from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
-from segapp.modeling.segllm import Generation, SegLLM
+from segapp.modeling.segllm import Generation
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 
@@ -236,7 +236,7 @@ class Segmenter:
         for indices in by_length.values():
             ids = torch.tensor([prompts[i][1] for i in indices], device=self.device)
             tokens = torch.cat([queries[i][0].image_tokens for i in indices])
-            gens = generate_batch(self.model, ids, tokens, max_new_tokens=self.max_new_tokens)
+            gens = self.model.generate_batch(ids, tokens, max_new_tokens=self.max_new_tokens)
             for i, gen in zip(indices, gens, strict=True):
                 answer = self.bundle.chat.decode(gen.token_ids)
                 timings = {
@@ -253,56 +253,3 @@ class Segmenter:
         """set_image + predict in one call."""
         self.set_image(image)
         return self.predict(instruction)
-
-
-@torch.inference_mode()
-def generate_batch(
-    model: SegLLM, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int
-) -> list[Generation]:
-    """Greedy decoding of B equal-length prompts at once (input_ids B x L, images B x N x H).
-
-    Same steps as `SegLLM.generate` for each row; a row that has emitted `</s>` keeps riding
-    along (its outputs are ignored) until every row is done. Wall times are shared equally.
-    """
-    t0 = time.perf_counter()
-    batch = input_ids.shape[0]
-    embeds = model.embed_inputs(input_ids, image_tokens)
-    out = model.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
-    past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
-    t1 = time.perf_counter()
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    limit = model.llm.config.max_position_embeddings - input_ids.shape[1]
-    for _ in range(min(max_new_tokens, limit)):
-        next_ids = logits.argmax(-1).tolist()
-        for row, next_id in enumerate(next_ids):
-            if done[row]:
-                continue
-            if next_id == model.eos_token_id:
-                done[row] = True
-                continue
-            tokens[row].append(next_id)
-            if next_id == model.seg_token_id:
-                seg_hidden[row].append(hidden[row])
-        if all(done):
-            break
-        step = model.llm.get_input_embeddings()(
-            torch.tensor(next_ids, device=model.device)[:, None]
-        )
-        out = model.llm(
-            inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
-        )
-        past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
-    t2 = time.perf_counter()
-    width = model.llm.config.hidden_size
-    return [
-        Generation(
-            tokens[row],
-            torch.stack(seg_hidden[row]) if seg_hidden[row] else embeds.new_zeros(0, width),
-            int(input_ids.shape[1]),
-            (t1 - t0) / batch,
-            (t2 - t1) / batch,
-        )
-        for row in range(batch)
-    ]

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from segapp.batch.infer import UnitOutput
 from segapp.batch.job import BatchJob, Problem, mask_file, overlay_file
 from segapp.errors import InputError
-from segapp.export import overlay, save_png
+from segapp.export import atomic_write, overlay, save_png
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -32,18 +31,8 @@ def dumps(row: Any) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fp:
-            fp.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write `text` (UTF-8) to `path` through a temp file in the same folder and a rename."""
+    atomic_write(path, text.encode("utf-8"))
 
 
 def make_rows(out: UnitOutput) -> list[dict[str, Any]]:

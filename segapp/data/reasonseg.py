@@ -9,7 +9,6 @@ tolerates their absence, so real ReasonSeg folders read the same way.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,9 @@ from tqdm import tqdm
 
 from segapp.data.instructions import Sample, generate_sample
 from segapp.errors import InputError
+from segapp.export import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[list[int]]]:
@@ -71,9 +65,9 @@ def write_sample(out_dir: Path, stem: str, sample: Sample) -> Path:
     ok, png = cv2.imencode(".png", cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - encoding a uint8 array does not fail
         raise RuntimeError(f"could not encode image for {stem}")
-    _atomic_write(out_dir / f"{stem}.png", png.tobytes())
+    atomic_write(out_dir / f"{stem}.png", png.tobytes())
     json_path = out_dir / f"{stem}.json"
-    _atomic_write(json_path, json.dumps(record).encode())
+    atomic_write(json_path, json.dumps(record).encode())
     return json_path
 
 

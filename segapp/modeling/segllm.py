@@ -179,7 +179,6 @@ class SegLLM(nn.Module):
         return emb + pe.point_embeddings[1].weight
 
     # ---- generation ------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int = 48
     ) -> Generation:
@@ -187,21 +186,43 @@ class SegLLM(nn.Module):
 
         Keeps the last-layer hidden state of every step that emits `[SEG]`.
         """
+        return self.generate_batch(input_ids, image_tokens, max_new_tokens=max_new_tokens)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int
+    ) -> list[Generation]:
+        """Greedy decoding of B equal-length prompts at once (input_ids B x L, images B x N x H).
+
+        A row that has emitted `</s>` keeps riding along (its outputs are ignored) until every
+        row is done; `generate` is the one-row case. Wall times are shared equally.
+        """
         t0 = time.perf_counter()
+        batch = input_ids.shape[0]
         embeds = self.embed_inputs(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
-        past, tokens, seg_hidden = out.past_key_values, [], []
-        logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
+        past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
         t1 = time.perf_counter()
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        done = [False] * batch
         limit = self.llm.config.max_position_embeddings - input_ids.shape[1]
         for _ in range(min(max_new_tokens, limit)):
-            next_id = int(logits.argmax(-1))
-            if next_id == self.eos_token_id:
+            next_ids = logits.argmax(-1).tolist()
+            for row, next_id in enumerate(next_ids):
+                if done[row]:
+                    continue
+                if next_id == self.eos_token_id:
+                    done[row] = True
+                    continue
+                tokens[row].append(next_id)
+                if next_id == self.seg_token_id:
+                    seg_hidden[row].append(hidden[row])
+            if all(done):
                 break
-            tokens.append(next_id)
-            if next_id == self.seg_token_id:
-                seg_hidden.append(hidden[0])
-            step = self.llm.get_input_embeddings()(torch.tensor([[next_id]], device=self.device))
+            step = self.llm.get_input_embeddings()(
+                torch.tensor(next_ids, device=self.device)[:, None]
+            )
             out = self.llm(
                 inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
             )
@@ -210,7 +231,15 @@ class SegLLM(nn.Module):
                 out.logits[:, -1],
                 out.hidden_states[-1][:, -1],
             )
-        width = self.llm.config.hidden_size
-        stacked = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, width)
         t2 = time.perf_counter()
-        return Generation(tokens, stacked, int(input_ids.shape[1]), t1 - t0, t2 - t1)
+        width = self.llm.config.hidden_size
+        return [
+            Generation(
+                tokens[row],
+                torch.stack(seg_hidden[row]) if seg_hidden[row] else embeds.new_zeros(0, width),
+                int(input_ids.shape[1]),
+                (t1 - t0) / batch,
+                (t2 - t1) / batch,
+            )
+            for row in range(batch)
+        ]
