@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +88,22 @@ def save_bundle(
     """Write config.json, model.safetensors, tokenizer.json (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # tied LM head shares storage with the embedding: store it once
-    state.pop("llm.lm_head.weight", None)
+    if cfg.tie_embeddings:  # the tied LM head shares storage with the embedding: store it once
+        state.pop("llm.lm_head.weight", None)
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "segapp": "SegLLM"})
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json.tmp").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     os.replace(out / "config.json.tmp", out / "config.json")
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
-    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    if cfg.chat_format == "segapp":
+        tokenizer.backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
+        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+        return
+    # a checkpoint's own (LLaMA) tokenizer: its special-token settings live beside tokenizer.json
+    with tempfile.TemporaryDirectory(dir=out) as tmp_dir:
+        tokenizer.save_pretrained(tmp_dir)
+        for file in sorted(Path(tmp_dir).iterdir()):
+            os.replace(file, out / file.name)
 
 
 def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundle:
@@ -107,11 +115,17 @@ def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundl
         cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelError(f"unreadable config.json: {exc}", str(directory)) from None
-    tokenizer = load_tokenizer(directory)
+    if cfg.chat_format == "segapp":
+        tokenizer = load_tokenizer(directory)
+    else:  # saved from a checkpoint's own tokenizer (see save_bundle)
+        from segapp.checkpoints.lisa import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(directory)
     model = build_segllm(cfg, tokenizer)
     state = load_file(str(directory / "model.safetensors"))
     expected = model.state_dict()
-    expected.pop("llm.lm_head.weight", None)
+    if cfg.tie_embeddings:
+        expected.pop("llm.lm_head.weight", None)
     for key, value in expected.items():
         if key not in state:
             raise ModelError(f"checkpoint is missing parameter {key}", str(directory))
@@ -139,6 +153,7 @@ class LoadOptions:
     quantize: str | None = None  # None, "8bit" or "4bit"
     vision_tower: Path | None = None  # CLIP folder for a LISA checkpoint
     sam_checkpoint: Path | None = None  # segment-anything .pth replacing the model's SAM
+    new_head: bool = False  # accept a plain LLaVA folder, its [SEG] head untrained (training)
 
 
 def _bundle_placement(device: str | torch.device, options: LoadOptions) -> Placement | None:
@@ -171,6 +186,7 @@ def _load_dir(directory: Path, device: str | torch.device, options: LoadOptions)
             vision_tower=options.vision_tower,
             sam_checkpoint=options.sam_checkpoint,
             placement=_lisa_placement(device, options),
+            new_head=options.new_head,
         )
     return _load_bundle_with(directory, device, options)
 

@@ -13,9 +13,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, cast
 
 import cv2
 import torch
@@ -24,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segapp.build import build_segllm, image_token_count, save_bundle
+from segapp.build import Bundle, build_segllm, image_token_count, save_bundle
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import ATTRIBUTES, BatchStream, TrainBatch
+from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
@@ -184,8 +186,41 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def _state(model: SegLLM) -> dict[str, torch.Tensor]:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    state.pop("llm.lm_head.weight", None)
+    if model.llm.config.tie_word_embeddings:  # stored once, as the embedding
+        state.pop("llm.lm_head.weight", None)
     return state
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's SegLLM name with peft's wrapping taken out."""
+    return name.replace("llm.base_model.model.", "llm.").replace(".base_layer.", ".")
+
+
+def add_lora(model: SegLLM, rank: int) -> None:
+    """Wrap the LLM with peft LoRA adapters on its q/v projections (LISA's recipe)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+    )
+    model.llm = get_peft_model(model.llm, config)  # type: ignore[assignment]
+
+
+def select_trainable(model: SegLLM, prefixes: Sequence[str] | None) -> int:
+    """Freeze every parameter whose name starts with none of `prefixes` (None: train all; LoRA
+    weights always train). Returns the number of trainable values; a prefix that names no
+    parameter is an InputError."""
+    named = list(model.named_parameters())
+    if prefixes is not None:
+        for prefix in prefixes:
+            if not any(_plain_name(n).startswith(prefix) for n, _ in named):
+                raise InputError(f"{prefix!r} names no parameter of the model", "--train")
+    count = 0
+    for name, param in named:
+        wanted = prefixes is None or _plain_name(name).startswith(tuple(prefixes))
+        param.requires_grad_(wanted or "lora_" in name)
+        count += param.numel() if param.requires_grad else 0
+    return count
 
 
 def train(
@@ -197,9 +232,16 @@ def train(
     progress: bool = True,
     device: str = "cpu",
     on_step: Callable[[dict], None] | None = None,
+    init_from: Bundle | None = None,
+    trainable: Sequence[str] | None = None,
+    lora_r: int = 0,
 ) -> dict:
-    """Train a SegLLM from scratch into `out_dir` (weights + tokenizer + config + logs).
+    """Train a SegLLM into `out_dir` (weights + tokenizer + config + logs): from scratch, or
+    from a loaded model (`init_from`: its config, tokenizer and weights; e.g. a plain LLaVA
+    whose fresh [SEG] head is to be trained, or segapp weights to train further).
 
+    trainable: parameter-name prefixes that train (None: all); lora_r > 0 adds LoRA adapters
+    to the LLM's q/v projections (peft), merged into the weights when training ends.
     Resumable: a checkpoint is written every `checkpoint_every` steps and at the end of each stage.
     Returns the last logged losses.
     """
@@ -218,14 +260,22 @@ def train(
     if not resume:  # a fresh start must not mix with an earlier run's log or checkpoint
         shutil.rmtree(ckpt, ignore_errors=True)
         log_path.unlink(missing_ok=True)
-    if resume and tok_path.exists():
-        tokenizer = load_tokenizer(tok_path)
+    if init_from is not None:
+        model, tokenizer, chat = init_from.model.to(device), init_from.tokenizer, init_from.chat
+        model_cfg = init_from.config
     else:
-        tokenizer = train_tokenizer(iter_corpus(200, seed=train_cfg.seed), model_cfg.vocab_size)
-        tokenizer.backend_tokenizer.save(str(tok_path))
-    model = build_segllm(model_cfg, tokenizer).to(device)
+        if resume and tok_path.exists():
+            tokenizer = load_tokenizer(tok_path)
+        else:
+            corpus = iter_corpus(200, seed=train_cfg.seed)
+            tokenizer = train_tokenizer(corpus, model_cfg.vocab_size)
+            tokenizer.backend_tokenizer.save(str(tok_path))
+        model = build_segllm(model_cfg, tokenizer).to(device)
+        chat = ChatFormat(tokenizer, image_token_count(model_cfg))
+    if lora_r:
+        add_lora(model, lora_r)
+    select_trainable(model, trainable)
     aux = AuxHeads(model_cfg).to(device)
-    chat = ChatFormat(tokenizer, image_token_count(model_cfg))
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
@@ -317,6 +367,8 @@ def train(
             _checkpoint(model, aux, opt, step, joint, ckpt)
     bar.close()
     model.eval()
+    if lora_r:
+        model.llm = cast(Any, model.llm).merge_and_unload()
     save_bundle(model, tokenizer, model_cfg, out_dir)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(train_cfg), indent=2) + "\n")
     return last

@@ -104,9 +104,10 @@ def _lisa_config(vocab_size: int) -> dict:
     }
 
 
-def _llama_tokenizer() -> PreTrainedTokenizerFast:
+def _llama_tokenizer(seg: bool = True) -> PreTrainedTokenizerFast:
     """A small LLaMA-style tokenizer (▁ word marks, <unk>/<s>/</s> = 0/1/2, BOS added) with
-    LISA's additions: `[SEG]` as a plain added token, `<im_start>` / `<im_end>` special."""
+    LISA's additions: `[SEG]` as a plain added token (unless `seg` is false: a LLaVA one),
+    `<im_start>` / `<im_end>` special."""
     corpus = [generate_sample("train", i).instruction for i in range(40)]
     corpus += ["A chat between a curious human and an artificial intelligence assistant.", "Sure,"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -124,7 +125,8 @@ def _llama_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     fast.pad_token = fast.unk_token  # as LISA sets it
-    fast.add_tokens(["[SEG]"])
+    if seg:
+        fast.add_tokens(["[SEG]"])
     fast.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
     return fast
 
@@ -600,7 +602,7 @@ def test_llava_without_seg_head_is_refused(lisa_copy: Path) -> None:
         k: f for k, f in index["weight_map"].items() if "text_hidden_fcs" not in k
     }
     (lisa_copy / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="no text_hidden_fcs.*not implemented yet"):
+    with pytest.raises(ModelError, match=r"no text_hidden_fcs.*segapp train --init-from"):
         load_model(str(lisa_copy))
 
 
@@ -621,3 +623,62 @@ def test_failed_load_copies_nothing(tmp_path: Path) -> None:
         load_strict(model, [Source(index_checkpoint(tmp_path), lambda key: key)])
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# ---- a plain LLaVA + a SAM .pth -> a trained [SEG] head (`segapp train --init-from`) ----------
+@pytest.fixture
+def llava_dir(weights: Path, tmp_path: Path) -> Path:
+    """A LLaVA-v1 folder: no [SEG] token, no text_hidden_fcs, no SAM, no out_dim."""
+    llava = tmp_path / "llava-7b"
+    llava.mkdir()
+    tokenizer = _llama_tokenizer(seg=False)
+    tokenizer.save_pretrained(str(llava))
+    config = _lisa_config(len(tokenizer))
+    config["architectures"] = ["LlavaLlamaForCausalLM"]
+    del config["out_dim"]
+    (llava / "config.json").write_text(json.dumps(config))
+    state = {
+        k: v
+        for k, v in _lisa_state(len(tokenizer)).items()
+        if not k.startswith(("model.text_hidden_fcs.", "model.visual_model."))
+    }
+    _write_shards(llava, state)
+    torch.save(_random(build_sam(SAM_CFG).state_dict(), seed=4), tmp_path / "sam.pth")
+    return llava
+
+
+def test_llava_plus_sam_trains_a_seg_head(llava_dir: Path, tmp_path: Path, image) -> None:
+    out, sam = tmp_path / "llava-seg", tmp_path / "sam.pth"
+    args = ["train", "--init-from", str(llava_dir), "--sam", str(sam), "--out", str(out)]
+    assert run([*args, "--steps", "3", "--workers", "0", "--threads", "1"]) == 0
+    bundle = load_model(str(out))  # now a segapp weights directory, [SEG] head and all
+    assert "[SEG]" in bundle.tokenizer.get_vocab()
+    assert bundle.config.chat_format == "llava_v1" and bundle.config.prompt_dim == OUT_DIM
+    state = bundle.model.state_dict()
+    stored = {k: v.float() for k, v in _read_shards(llava_dir).items()}
+    vocab = stored["model.embed_tokens.weight"].shape[0]
+    assert state["llm.model.embed_tokens.weight"].shape[0] == vocab + 1  # the [SEG] row
+    # frozen parts are exactly the LLaVA weights; LoRA (q/v) was merged in; the head trained
+    frozen = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(state[f"llm.{frozen}"], stored[frozen])
+    assert torch.equal(state["projector.weight"], stored["model.mm_projector.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[f"llm.{q}"], stored[q])
+    sam_state = torch.load(sam, weights_only=True)
+    enc = "image_encoder.patch_embed.proj.weight"
+    assert torch.equal(state[f"sam.{enc}"], sam_state[enc])
+    dec = next(k for k in sam_state if k.startswith("mask_decoder.") and k.endswith("weight"))
+    assert not torch.equal(state[f"sam.{dec}"], sam_state[dec])
+    result = Segmenter(bundle).segment(image, INSTRUCTION)  # and it runs end to end
+    assert isinstance(result.answer, str)
+
+
+def test_init_from_refuses_unknown_prefix_and_preset(
+    llava_dir: Path, tmp_path: Path, capsys
+) -> None:
+    base = ["train", "--init-from", str(llava_dir), "--sam", str(tmp_path / "sam.pth")]
+    assert run([*base, "--out", str(tmp_path / "a"), "--train", "nonsense"]) == 2
+    assert "'nonsense' names no parameter" in capsys.readouterr().err
+    assert run([*base, "--out", str(tmp_path / "b"), "--preset", "tiny"]) == 2
+    assert "--preset" in capsys.readouterr().err
+    assert run(["train", "--out", str(tmp_path / "c"), "--lora-r", "4"]) == 2

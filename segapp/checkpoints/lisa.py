@@ -79,7 +79,7 @@ SAM_STORED, FCS_STORED = "model.visual_model.", "model.text_hidden_fcs."
 CLIP_INLINE = "model.vision_tower.vision_tower.vision_model."
 UNMAPPED = "(unmapped) "  # never a module name
 ARCHITECTURES = ("LISAForCausalLM",)
-LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM",)  # routed here to be refused with a reason
+LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM",)  # loadable only to train a [SEG] head
 REQUIRED_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -179,9 +179,16 @@ def model_config_from_lisa(
     name: str,
     chat_format: str,
     where: str,
+    new_head: bool = False,
+    vocab_size: int | None = None,
 ) -> ModelConfig:
-    """segapp's ModelConfig for a LISA config.json + its CLIP tower + its SAM's shapes."""
-    if not any(a in ARCHITECTURES for a in hf.get("architectures", [])):
+    """segapp's ModelConfig for a LISA config.json + its CLIP tower + its SAM's shapes.
+
+    new_head: also accept a plain LLaVA-v1 config (its [SEG] head is about to be trained);
+    vocab_size: the tokenizer's size when tokens were added to the stored vocabulary.
+    """
+    known = (*ARCHITECTURES, *LLAVA_ARCHITECTURES) if new_head else ARCHITECTURES
+    if not any(a in known for a in hf.get("architectures", [])):
         raise ModelError(
             f"not a LISA checkpoint (architectures {hf.get('architectures')}, "
             f"expected {ARCHITECTURES[0]})",
@@ -207,7 +214,7 @@ def model_config_from_lisa(
             f"{vision.hidden_size}",
             where,
         )
-    out_dim = hf.get("out_dim", 256)
+    out_dim = hf.get("out_dim", sam_fields["prompt_dim"])  # LLaVA has none: SAM's width
     if out_dim != sam_fields["prompt_dim"]:
         raise ModelError(
             f"out_dim {out_dim} does not match SAM's {sam_fields['prompt_dim']}", where
@@ -220,7 +227,7 @@ def model_config_from_lisa(
         vision_layers=vision.num_hidden_layers,
         vision_heads=vision.num_attention_heads,
         vision_mlp=vision.intermediate_size,
-        vocab_size=hf["vocab_size"],
+        vocab_size=max(hf["vocab_size"], vocab_size or 0),
         llm_hidden=hf["hidden_size"],
         llm_layers=hf["num_hidden_layers"],
         llm_heads=hf["num_attention_heads"],
@@ -266,8 +273,9 @@ def find_vision_tower(
     )
 
 
-def load_hf_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    """The checkpoint's own tokenizer (AutoTokenizer, local files only), with `[SEG]` in it."""
+def load_hf_tokenizer(directory: Path, *, add_seg: bool = False) -> PreTrainedTokenizerFast:
+    """The checkpoint's own tokenizer (AutoTokenizer, local files only), with `[SEG]` in it
+    (`add_seg`: added, as LISA adds it, when a plain LLaVA tokenizer lacks it)."""
     try:
         # config given, so AutoTokenizer does not read LISA's config.json as transformers' own,
         # unrelated LlavaConfig (same model_type "llava"); tokenizer_config.json names the class
@@ -282,7 +290,9 @@ def load_hf_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
             hint = " (LLaMA's tokenizer.model needs: pip install sentencepiece protobuf)"
         raise ModelError(f"cannot load the tokenizer: {exc}{hint}", str(directory)) from None
     if SEG_TOKEN not in tokenizer.get_vocab():
-        raise ModelError(f"the tokenizer has no {SEG_TOKEN} token", str(directory))
+        if not add_seg:
+            raise ModelError(f"the tokenizer has no {SEG_TOKEN} token", str(directory))
+        tokenizer.add_tokens([SEG_TOKEN])
     return cast(PreTrainedTokenizerFast, tokenizer)
 
 
@@ -320,11 +330,15 @@ def load_lisa(
     vision_default: str = "clip-vit-large-patch14",
     sam_checkpoint: Path | None = None,
     placement: Placement | None = None,
+    new_head: bool = False,
 ) -> Bundle:
     """Build a SegLLM from a LISA checkpoint folder; every parameter filled or an error.
 
     sam_checkpoint: a segment-anything .pth that replaces the checkpoint's own SAM (any of
     vit_b / vit_l / vit_h; the checkpoint's fine-tuned mask decoder goes with it).
+    new_head: accept a plain LLaVA-v1 folder (no text_hidden_fcs, maybe no `[SEG]` token): the
+    head keeps its fresh initialisation and `[SEG]` gets a new embedding row, ready for
+    `segapp train --init-from` to train them.
     """
     # late: segapp.build reaches this module lazily, from its registry
     from segapp.build import Bundle, build_segllm, image_token_count, weights_root
@@ -336,10 +350,11 @@ def load_lisa(
         raise ModelError("checkpoint folder not found", where)
     hf = read_json(directory / "config.json")
     stored = index_checkpoint(directory)
-    if not any(k.startswith(FCS_STORED) for k in stored.weight_map):
+    has_head = any(k.startswith(FCS_STORED) for k in stored.weight_map)
+    if not has_head and not new_head:
         raise ModelError(
             "checkpoint has no text_hidden_fcs (a plain LLaVA model?): it needs a trained [SEG] "
-            "head, and training one with `segapp train --init-from` is not implemented yet",
+            "head first: `segapp train --init-from DIR --sam SAM.pth --out NEW_DIR`",
             where,
         )
     if sam_checkpoint is not None:
@@ -355,10 +370,17 @@ def load_lisa(
     clip_inline = any(k.startswith(CLIP_INLINE) for k in stored.weight_map)
     clip_dir = find_vision_tower(directory, hf, vision_tower, weights_root(), vision_default)
     vision = read_clip_config(clip_dir)
+    tokenizer = load_hf_tokenizer(directory, add_seg=new_head)
     cfg = model_config_from_lisa(
-        hf, vision, sam_fields, name=name, chat_format=chat_format, where=where
+        hf,
+        vision,
+        sam_fields,
+        name=name,
+        chat_format=chat_format,
+        where=where,
+        new_head=new_head,
+        vocab_size=len(tokenizer),
     )
-    tokenizer = load_hf_tokenizer(directory)
     with _building(placement):
         model = build_segllm(cfg, tokenizer)
     set_dtypes_(model, placement)
@@ -373,12 +395,15 @@ def load_lisa(
         sources.append(Source(index_checkpoint(clip_dir), clip_rename(clip)))
     if sam_checkpoint is not None:
         sources.append(sam_source(sam_checkpoint))
-    tied = ("llm.lm_head.weight",) if cfg.tie_embeddings else ()
+    skip = ["llm.lm_head.weight"] if cfg.tie_embeddings else []
+    if not has_head:  # keeps build_segllm's initialisation, to be trained
+        skip += [k for k in model.state_dict() if k.startswith("text_hidden_fcs.")]
     load_strict(
         model,
         sources,
-        skip=tied,
+        skip=skip,
         describe=lambda target: stored_name(target, clip, clip_inline=clip_inline),
+        grow_rows=("llm.model.embed_tokens.weight", "llm.lm_head.weight") if new_head else (),
     )
     if cfg.tie_embeddings:
         model.llm.tie_weights()

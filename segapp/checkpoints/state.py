@@ -15,7 +15,7 @@ first offending parameter, and the model being filled is never handed out.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,12 +151,17 @@ def load_strict(
     *,
     skip: Iterable[str] = (),
     describe: Callable[[str], str] = lambda key: key,
+    grow_rows: Iterable[str] = (),
 ) -> None:
     """Fill every persistent tensor of `model` from `sources`, or raise naming what is wrong.
 
     Order of checks: unexpected names, then missing parameters (first in the model's own order;
     `describe` turns a model name into the stored name a user would look for), then shapes.
+    `grow_rows` names tensors (token embeddings, LM head) whose model copy may have more rows
+    than the stored one (tokens added since): the stored rows fill the leading rows and each new
+    row is set to the mean of the stored ones.
     """
+    grow = set(grow_rows)
     expected = expected_tensors(model, skip=skip)
     provider: dict[str, tuple[Source, str]] = {}
     for source in sources:
@@ -175,15 +180,21 @@ def load_strict(
     # every file's names and shapes before any copy (safetensors headers; pickles memory-mapped)
     for source in sources:
         for path in source.stored.files:
-            _check_file(source, path, stored_shapes(path), expected)
+            _check_file(source, path, stored_shapes(path), expected, grow)
     with torch.no_grad():
         for source in sources:
             for path in source.stored.files:
                 tensors = read_tensors(path)
                 for key, value in tensors.items():
                     name = source.targets.get(key)
-                    if name is not None:
-                        expected[name].copy_(value)
+                    if name is None:
+                        continue
+                    dest = expected[name]
+                    if name in grow and value.shape[0] < dest.shape[0]:
+                        dest[: value.shape[0]].copy_(value)
+                        dest[value.shape[0] :] = value.float().mean(0).to(dest.dtype)
+                    else:
+                        dest.copy_(value)
                 del tensors
 
 
@@ -192,6 +203,7 @@ def _check_file(
     path: Path,
     shapes: dict[str, tuple[int, ...]],
     expected: dict[str, torch.Tensor],
+    grow: Collection[str] = (),
 ) -> None:
     """The file holds what the index says it holds, each with the model's shape."""
     weight_map, where = source.stored.weight_map, source.stored.where
@@ -207,5 +219,7 @@ def _check_file(
         if target is None:
             continue
         want = tuple(expected[target].shape)
+        if target in grow and shape[1:] == want[1:] and 0 < shape[0] <= want[0]:
+            continue
         if shape != want:
             raise ModelError(f"parameter {key} has shape {shape}, expected {want}", where)

@@ -127,7 +127,10 @@ def make_batch(
                     x, y = deepest_point(scene.masks[k])
                     seg_pts.append((x * scale, y * scale))
     length = max(len(p) + len(a) for p, a in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    pad = chat.tokenizer.pad_token_id
+    if not isinstance(pad, int) or pad == chat.image_id:  # LLaVA pads with <unk>, its image slot
+        pad = chat.eos_id
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     attn = torch.zeros(len(rows), length, dtype=torch.long)
     for i, (p, a) in enumerate(rows):
