@@ -16,6 +16,13 @@ from typing import TYPE_CHECKING
 
 from segapp.batch.command import add_batch_bench, add_batch_command
 from segapp.errors import InputError, SegappError
+from segapp.personalize.command import (
+    add_bench_personalize,
+    add_eval_personal,
+    add_personalize_command,
+)
+from segapp.serve_command import add_serve_bench, add_serve_commands
+from segapp.video.command import add_video_bench, add_video_command, add_video_eval
 
 if TYPE_CHECKING:
     from segapp.build import LoadOptions
@@ -50,15 +57,33 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
 def cmd_segment(args: argparse.Namespace) -> int:
     from segapp.export import overlay, save_png
     from segapp.images import check_instruction, load_image
-    from segapp.predictor import Segmenter
 
     instruction = check_instruction(args.instruction)
+    if args.token_keep < 1.0 and getattr(args, "user", None):
+        raise InputError("--token-keep does not apply with --user concepts yet", "--token-keep")
     image = load_image(args.image, max_pixels=args.max_pixels)
     from segapp.build import load_model
+    from segapp.service import Service, ServiceConfig
 
     bundle = load_model(args.model, device=pick_device(args.device), options=load_options(args))
-    segmenter = Segmenter(bundle)
-    result = segmenter.segment(image, instruction)
+    # the Service's code path, so the CLI, REST server and UI give identical masks
+    store = Path(args.store) if getattr(args, "store", None) else None  # concept store
+    config = ServiceConfig(model=args.model, max_pixels=args.max_pixels, concepts_root=store)
+    service = Service(config, bundle=bundle)
+    try:
+        if args.token_keep < 1.0:  # FastV / DivPrune image-token reduction
+            from segapp.predictor import Segmenter
+            from segapp.token_reduction import predict_reduced
+
+            segmenter = Segmenter(bundle)
+            segmenter.set_image(image)
+            result = predict_reduced(
+                segmenter, instruction, method=args.token_method, keep=args.token_keep
+            )
+        else:
+            result = service.segment(image, instruction, user=getattr(args, "user", None))
+    finally:
+        service.close()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
@@ -87,6 +112,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bundle = (
         None if options == LoadOptions() else load_model(args.model, device=device, options=options)
     )
+    if args.token_keep < 1.0:
+        from segapp.token_reduction import evaluate_reduced
+
+        summary = evaluate_reduced(
+            bundle or load_model(args.model, device=device),
+            split=args.split,
+            limit=args.limit,
+            method=args.token_method,
+            keep=args.token_keep,
+            progress=not args.quiet,
+        )
+        print(json.dumps(summary, indent=None if args.compact else 2))
+        return 0
     summary = evaluate_reason(
         args.model,
         split=args.split,
@@ -103,7 +141,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from segapp.benchmarks import bench_image
 
-    print(json.dumps(bench_image(args.model, sam=args.sam, repeats=args.repeats), indent=2))
+    result = bench_image(args.model, sam=args.sam, repeats=args.repeats)
+    if args.token_keep:  # same-run FastV / DivPrune figures (segapp.token_reduction)
+        from segapp.token_reduction import bench_reduction
+
+        result["token_reduction"] = bench_reduction(
+            args.model, keeps=tuple(args.token_keep), repeats=max(args.repeats, 5)
+        )
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -119,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tcfg = TrainConfig()
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "sam_warmup_steps", "lr", "threads", "workers", "seed")
+        for k in ("steps", "sam_warmup_steps", "lr", "threads", "workers", "seed", "video_fraction")
     }
     if args.init_from and args.sam_warmup_steps is None:
         changes["sam_warmup_steps"] = 0  # a loaded SAM is already trained
@@ -203,6 +248,22 @@ def _fetchable_names() -> list[str]:
 
 
 # ---- parser --------------------------------------------------------------------------------
+def token_reduction_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--token-keep",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="keep this share of image tokens in the LLM (1 = all, the default path)",
+    )
+    sp.add_argument(
+        "--token-method",
+        choices=["fastv", "divprune"],
+        default="fastv",
+        help="fastv: drop by attention after layer 2; divprune: diverse subset before the LLM",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segapp", description="Reason, then segment.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -232,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="out", help="where masks and the overlay go (default out/)")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
+    s.add_argument("--user", help="user whose concepts (<name> in the instruction) apply")
+    s.add_argument("--store", help="concept store folder (default weights/adapters)")
+    token_reduction_args(s)
     s.set_defaults(func=cmd_segment)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -243,9 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=700, help="samples of the synthetic split")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
+    token_reduction_args(r)
     r.set_defaults(func=cmd_eval)
+    add_video_eval(esub)  # `segapp eval video`
+    add_eval_personal(esub)  # `segapp eval personal`
 
     add_batch_command(sub)  # `segapp batch`
+    add_personalize_command(sub)  # `segapp personalize`
+    add_video_command(sub)  # `segapp video`
+    add_serve_commands(sub)  # `segapp serve`, `segapp demo`
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON with same-run ratios)")
     bsub = b.add_subparsers(dest="suite", required=True)
@@ -258,8 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="swap in segment_anything's real encoder size (random weights) for timing",
     )
     bi.add_argument("--repeats", type=int, default=3)
+    bi.add_argument(
+        "--token-keep",
+        type=float,
+        action="append",
+        help="also time FastV / DivPrune keeping this share of image tokens (repeatable)",
+    )
     bi.set_defaults(func=cmd_bench)
     add_batch_bench(bsub)  # `segapp bench batch`
+    add_bench_personalize(bsub)  # `segapp bench personalize`
+    add_video_bench(bsub)  # `segapp bench video`
+    add_serve_bench(bsub)  # `segapp bench serve`
 
     t = sub.add_parser(
         "train",
@@ -299,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int)
     t.add_argument("--sam-warmup-steps", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    t.add_argument(
+        "--video-fraction",
+        type=float,
+        help="share of joint steps that also train on a synthetic video clip (default 0)",
+    )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)
     t.add_argument("--seed", type=int)

@@ -131,6 +131,11 @@ class TrainConfig:
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
+    video_fraction: float = _f(
+        0.0,
+        "share of joint-stage steps that add a synthetic video sample's loss (segapp.video."
+        "training); 0 = image-only training",
+    )
     threads: int = _f(0, "torch CPU threads; 0 = all cores (set it lower on a busy machine)")
     workers: int = _f(1, "data-generating worker processes")
     checkpoint_every: int = _f(250, "steps between resumable checkpoints")

@@ -32,6 +32,7 @@ from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
+from segapp.video.training import is_video_step, make_video_sample, video_losses
 
 
 def mask_terms(
@@ -341,6 +342,11 @@ def train(
             group["lr"] = lr_at(stage_step, stage_len, train_cfg.warmup, train_cfg.lr)
         batch = _to(batch, device)
         terms = forward_losses(model, aux, batch, train_cfg, model_cfg, joint=joint)
+        if joint and is_video_step(step, train_cfg.video_fraction):
+            sample = make_video_sample(model_cfg, train_cfg.seed, step)
+            video = video_losses(model, sample, chat, model_cfg, train_cfg)
+            terms.update(video)
+            terms["total"] = terms["total"] + video["video_total"]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(

@@ -65,6 +65,8 @@ def add_batch_command(sub: Any) -> None:
     b.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    b.add_argument("--user", help="user whose concepts (<name> in instructions) apply (local)")
+    b.add_argument("--store", help="concept store folder (default weights/adapters)")
     b.set_defaults(func=cmd_batch)
 
 
@@ -92,7 +94,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
         ray_address=args.address,
         ray_actors=args.actors,
     )
-    summary = run_batch(job, engine=args.engine)
+    segmenter = None
+    if args.user is not None:  # the user's concepts: a PersonalSegmenter, local engine only
+        from segapp.build import load_model
+        from segapp.errors import InputError
+        from segapp.personalize.command import personal_segmenter
+
+        if args.engine != "local":
+            raise InputError("--user works with the local engine", "--engine")
+        from segapp.personalize import validate_slug
+
+        validate_slug(args.user, "user")
+        segmenter = personal_segmenter(args, load_model(job.model, device=job.device))
+        segmenter.max_new_tokens = job.max_new_tokens
+    summary = run_batch(job, engine=args.engine, segmenter=segmenter)
     print(json.dumps(summary.to_dict()) if args.json else summary.line())
     return 0
 

@@ -77,8 +77,12 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_batch(job: BatchJob, *, engine: str = "local") -> Summary:
-    """Segment every unit of `job` not yet done, then write coco/polygons/yolo exports."""
+def run_batch(job: BatchJob, *, engine: str = "local", segmenter: Any = None) -> Summary:
+    """Segment every unit of `job` not yet done, then write coco/polygons/yolo exports.
+
+    `segmenter`: an already loaded `Segmenter` for the local engine (the service's model);
+    None loads `job.model`.
+    """
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}", "--engine")
     from tqdm import tqdm
@@ -110,10 +114,13 @@ def run_batch(job: BatchJob, *, engine: str = "local") -> Summary:
             from segapp.batch.local import run_local
             from segapp.predictor import Segmenter
 
-            with torch_threads(compute_threads(job)):
-                segmenter = Segmenter.from_pretrained(job.model, device=job.device)
-                segmenter.max_new_tokens = job.max_new_tokens
+            if segmenter is not None:  # a service's model: its threads, its settings
                 run_local(job, units, store, segmenter, on_unit)
+            else:
+                with torch_threads(compute_threads(job)):
+                    segmenter = Segmenter.from_pretrained(job.model, device=job.device)
+                    segmenter.max_new_tokens = job.max_new_tokens
+                    run_local(job, units, store, segmenter, on_unit)
         elif units:
             from segapp.batch.ray_engine import run_ray
 

@@ -1,0 +1,378 @@
+"""VideoSegmenter: reason once over (merged) frame tokens, then segment every frame.
+
+Two streaming passes over the video:
+1. `encode_frames`: only the sampled frames go through the vision tower -> `FrameTokens`
+   (T x N x H dense tokens, S pooled sparse tokens). Cached per (video, sampling).
+2. `reason`: DyCoke TTM on the dense tokens (or none), the LLM answers once, with optional
+   DyCoke KV pruning while decoding -> `VideoAnswer` (one SAM prompt per `[SEG]`).
+3. `iter_masks`: every frame through SAM's encoder; each `[SEG]` prompt is decoded on every
+   frame (One-Token-Seg-All) -> per-frame masks, yielded one frame at a time.
+`run` ties them together and writes masks, an overlay video and results.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from segapp.build import Bundle
+from segapp.errors import InputError
+from segapp.export import mask_record, overlay, save_png
+from segapp.images import check_instruction
+from segapp.modeling.reduction import KVPrune, reduced_generate
+from segapp.predictor import mask_labels
+from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
+from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, VideoWriter, iter_frames, probe_video
+from segapp.video.sampling import FrameSample, sample_frames
+from segapp.video.ttm import keep_count, temporal_token_merge
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How a video is read, sampled and decoded."""
+
+    dense_frames: int = field(default=4, metadata={"help": "frames the LLM sees in full (TTM)"})
+    sparse_frames: int = field(
+        default=0, metadata={"help": "extra frames pooled to one token each (sparse-dense)"}
+    )
+    sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'sparse-dense'"})
+    max_new_tokens: int = field(default=48, metadata={"help": "answer length limit"})
+    prune_layer: int = field(default=3, metadata={"help": "DyCoke stage-2 layer L"})
+    sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder call"})
+    overlay_max_side: int = field(default=1280, metadata={"help": "overlay video size limit"})
+    max_pixels: int = field(default=MAX_FRAME_PIXELS, metadata={"help": "largest frame"})
+
+
+@dataclass
+class FrameTokens:
+    """Vision tokens of the sampled frames: dense T x N x H, sparse S x H (pooled frames)."""
+
+    sample: FrameSample
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    vision_s: float
+
+
+@dataclass
+class SamFrame:
+    """One decoded frame with its SAM image embedding (1 x D x h x w)."""
+
+    index: int
+    rgb: np.ndarray
+    embedding: torch.Tensor
+    input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
+
+
+@dataclass
+class VideoAnswer:
+    """The LLM's answer about a video: text, one SAM prompt per `[SEG]`, and what it cost."""
+
+    instruction: str
+    answer: str
+    prompts: torch.Tensor  # M x D sparse prompt embeddings
+    labels: list[str]
+    stats: dict[str, Any]
+
+
+@dataclass
+class VideoResult:
+    """What `VideoSegmenter.run` wrote (see the package docstring for the file formats)."""
+
+    instruction: str
+    answer: str
+    labels: list[str]
+    frames: int
+    out_dir: Path
+    mask_dir: Path
+    overlay_path: Path
+    results_path: Path
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instruction": self.instruction,
+            "answer": self.answer,
+            "labels": self.labels,
+            "frames": self.frames,
+            "mask_dir": str(self.mask_dir),
+            "overlay": str(self.overlay_path),
+            "results": str(self.results_path),
+            "stats": self.stats,
+        }
+
+
+def _shrink(rgb: np.ndarray, side: int) -> np.ndarray:
+    """Area-downscale a frame whose longest side exceeds 2 * `side` (4K frames), so the encoders'
+    float resize never holds a full-resolution float copy."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= 2 * side:
+        return rgb
+    scale = 2 * side / max(h, w)
+    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(cv2.resize(rgb, dsize, interpolation=cv2.INTER_AREA))
+
+
+class VideoSegmenter:
+    """Reason about a video with the LLM once, segment every frame with SAM."""
+
+    def __init__(self, bundle: Bundle, options: VideoOptions | None = None) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.eval()
+        self.options = options or VideoOptions()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- pass 1: the frames the LLM reads -------------------------------------------------
+    def probe(self, source: str | Path) -> VideoInfo:
+        return probe_video(source, max_pixels=self.options.max_pixels)
+
+    @torch.inference_mode()
+    def encode_frames(self, source: str | Path, info: VideoInfo | None = None) -> FrameTokens:
+        """Vision tokens of the sampled frames (streamed; only those frames are decoded)."""
+        opt = self.options
+        info = info or self.probe(source)
+        sample = sample_frames(
+            info.frames, dense=opt.dense_frames, sparse=opt.sparse_frames, mode=opt.sampling
+        )
+        cfg = self.bundle.config
+        t0 = time.perf_counter()
+        tokens: dict[int, torch.Tensor] = {}
+        for index, rgb in iter_frames(source, sample.all, max_pixels=opt.max_pixels):
+            small = _shrink(rgb, cfg.vision_image_size)
+            vis, _ = vision_tensor(small, cfg.vision_image_size, crop=cfg.vision_resize == "crop")
+            tokens[index] = self.model.encode_vision(vis[None].to(self.device))[0]
+        missing = [i for i in sample.all if i not in tokens]
+        if missing:
+            raise InputError(f"frame {missing[0]} could not be decoded", str(source))
+        dense = torch.stack([tokens[i] for i in sample.dense])
+        width = dense.shape[-1]
+        sparse = (
+            torch.stack([tokens[i].mean(0) for i in sample.sparse])
+            if sample.sparse
+            else dense.new_zeros(0, width)
+        )
+        return FrameTokens(sample, dense, sparse, time.perf_counter() - t0)
+
+    # ---- the LLM, once ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def reason(
+        self,
+        frames: FrameTokens,
+        instruction: str,
+        *,
+        merge: float | None = 0.7,
+        prune: float | None = None,
+    ) -> VideoAnswer:
+        """Answer `instruction` over the frame tokens.
+
+        merge: DyCoke TTM ratio K (None: every dense token). prune: DyCoke stage-2 ratio P
+        (None: decode over the whole cache). Kept tokens keep the RoPE positions they have in
+        the unmerged sequence (and their patch's SAM positional encoding, added before TTM).
+        """
+        text = check_instruction(instruction)
+        t, n, _ = frames.dense.shape
+        s = frames.sparse.shape[0]
+        if merge is None:
+            visual = frames.dense.reshape(t * n, -1)
+            offsets = torch.arange(t * n)
+        else:
+            keep_count(n, merge)  # validates K
+            merged = temporal_token_merge(frames.dense, merge)
+            visual, offsets = merged.tokens, merged.flat_positions.cpu()
+        visual = torch.cat([frames.sparse, visual])
+        offsets = torch.cat([torch.arange(s), s + offsets])
+        total = s + t * n
+        chat = dataclasses.replace(self.bundle.chat, image_tokens=len(visual))
+        ids = torch.tensor([chat.prompt_ids(text)], device=self.device)
+        slots = (ids[0] == self.model.image_token_id).cpu()
+        first = int(slots.nonzero()[0, 0])
+        positions = torch.arange(ids.shape[1])
+        positions[slots] = first + offsets
+        positions[first + len(visual) :] += total - len(visual)
+        embeds = self.model.embed_inputs(ids, visual[None])
+        kv = (
+            KVPrune(layer=self.options.prune_layer, keep=1.0 - prune) if prune is not None else None
+        )
+        if prune is not None and not 0.0 <= prune < 1.0:
+            raise InputError(f"prune ratio P must be in [0, 1), got {prune}", "--prune")
+        gen = reduced_generate(
+            self.model,
+            embeds,
+            positions[None].to(self.device),
+            slots,
+            max_new_tokens=self.options.max_new_tokens,
+            kv_prune=kv,
+        )
+        answer = chat.decode(gen.token_ids)
+        prompts = (
+            self.model.seg_prompts(gen.seg_hidden)
+            if len(gen.seg_hidden)
+            else gen.seg_hidden.new_zeros(0, self.bundle.config.prompt_dim)
+        )
+        stats = {
+            "merge": merge,
+            "prune": prune,
+            "llm_frames": t,
+            "sparse_frames": s,
+            "visual_tokens_kept": len(visual),
+            "visual_tokens_total": total,
+            "visual_tokens_decode": gen.visual_decode,
+            "prompt_tokens": int(ids.shape[1]),
+            "new_tokens": len(gen.token_ids),
+            "prefill_s": gen.prefill_s,
+            "decode_s": gen.decode_s,
+            "kv_refreshes": gen.kv_refreshes,
+            "kv_cache_bytes": gen.kv_cache_bytes,
+        }
+        return VideoAnswer(text, answer, prompts, mask_labels(answer, len(prompts)), stats)
+
+    # ---- pass 2: every frame through SAM -----------------------------------------------------
+    @torch.inference_mode()
+    def iter_sam(self, source: str | Path) -> Iterator[SamFrame]:
+        """Every frame with its SAM image embedding, encoded `sam_batch` frames per call.
+
+        Only one batch of frames is in memory at a time.
+        """
+        size = self.model.sam.image_encoder.img_size
+        batch: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> Iterator[SamFrame]:
+            tensors, sizes = [], []
+            for _, rgb in batch:
+                px, input_size = sam_tensor(_shrink(rgb, size), size)
+                tensors.append(px)
+                sizes.append(input_size)
+            emb = self.model.encode_sam(torch.stack(tensors).to(self.device))
+            for j, (index, rgb) in enumerate(batch):
+                yield SamFrame(index, rgb, emb[j : j + 1], sizes[j])
+
+        for item in iter_frames(source, max_pixels=self.options.max_pixels):
+            batch.append(item)
+            if len(batch) >= self.options.sam_batch:
+                yield from flush()
+                batch = []
+        if batch:
+            yield from flush()
+
+    @torch.inference_mode()
+    def frame_masks(self, frame: SamFrame, answer: VideoAnswer) -> tuple[np.ndarray, list[float]]:
+        """M x H x W bool masks (one per `[SEG]` prompt) and M scores on one frame."""
+        h, w = frame.rgb.shape[:2]
+        if not len(answer.prompts):
+            return np.zeros((0, h, w), bool), []
+        size = self.model.sam.image_encoder.img_size
+        low, iou = self.model.decode_masks(frame.embedding, answer.prompts[:, None, :])
+        logits = postprocess_logits(low, frame.input_size, (h, w), size)
+        return (logits > 0).cpu().numpy(), iou[:, 0].float().clamp(0, 1).cpu().tolist()
+
+    def iter_masks(
+        self, source: str | Path, answer: VideoAnswer
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[float]]]:
+        """Yield (frame index, frame RGB, M x H x W bool masks, M scores) for every frame:
+        each `[SEG]` prompt decoded on every frame (One-Token-Seg-All), streamed."""
+        for frame in self.iter_sam(source):
+            masks, scores = self.frame_masks(frame, answer)
+            yield frame.index, frame.rgb, masks, scores
+
+    # ---- everything, with files --------------------------------------------------------------
+    def run(
+        self,
+        video_path: str | Path,
+        instruction: str,
+        out_dir: str | Path,
+        merge: float | None = 0.7,
+        prune: float | None = None,
+        progress: Progress | None = None,
+    ) -> VideoResult:
+        """Segment `instruction`'s targets in every frame of `video_path` into `out_dir`."""
+        started = time.perf_counter()
+        report = progress or (lambda fraction, stage: None)
+        text = check_instruction(instruction)
+        report(0.0, "reading video")
+        info = self.probe(video_path)
+        report(0.02, f"encoding {min(info.frames, self.options.dense_frames)} frames for the LLM")
+        tokens = self.encode_frames(video_path, info)
+        report(0.08, "reasoning")
+        answer = self.reason(tokens, text, merge=merge, prune=prune)
+        out = Path(out_dir)
+        mask_dir = out / "masks"
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        results_path = out / "results.jsonl"
+        tmp = out / ".results.jsonl.tmp"
+        writer = VideoWriter(out / "overlay.mp4", info.fps)
+        sam_started = time.perf_counter()
+        done = 0
+        try:
+            with tmp.open("w") as fh:
+                for index, rgb, masks, scores in self.iter_masks(video_path, answer):
+                    records = []
+                    for k, (mask, score) in enumerate(zip(masks, scores, strict=True)):
+                        save_png(mask_dir / f"frame_{index:05d}_mask_{k}.png", mask)
+                        records.append(mask_record(mask, label=answer.labels[k], score=score))
+                    row = {
+                        "frame": index,
+                        "time_s": round(index / info.fps, 4) if info.fps else None,
+                        "image": f"{video_path}#{index}",
+                        "instruction": answer.instruction,
+                        "answer": answer.answer,
+                        "masks": records,
+                    }
+                    fh.write(json.dumps(row) + "\n")
+                    writer.write(self._overlay_frame(rgb, masks, answer.labels))
+                    done += 1
+                    report(0.1 + 0.9 * done / info.frames, f"segmenting frame {done}/{info.frames}")
+        finally:
+            writer.close()
+        os.replace(tmp, results_path)
+        stats = {
+            **answer.stats,
+            "frames": done,
+            "vision_s": round(tokens.vision_s, 4),
+            "sam_s": round(time.perf_counter() - sam_started, 4),
+            "total_s": round(time.perf_counter() - started, 4),
+        }
+        report(1.0, "done")
+        return VideoResult(
+            answer.instruction,
+            answer.answer,
+            answer.labels,
+            done,
+            out,
+            mask_dir,
+            writer.path,
+            results_path,
+            stats,
+        )
+
+    def _overlay_frame(self, rgb: np.ndarray, masks: np.ndarray, labels: list[str]) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        side = self.options.overlay_max_side
+        if max(h, w) > side:  # a 4K overlay video is not worth its size
+            scale = side / max(h, w)
+            dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+            rgb = cv2.resize(rgb, dsize, interpolation=cv2.INTER_AREA)
+            masks = (
+                np.stack(
+                    [
+                        cv2.resize(m.astype(np.uint8), dsize, interpolation=cv2.INTER_NEAREST) > 0
+                        for m in masks
+                    ]
+                )
+                if len(masks)
+                else np.zeros((0, dsize[1], dsize[0]), bool)
+            )
+        return overlay(rgb, list(masks), labels)

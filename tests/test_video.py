@@ -1,0 +1,329 @@
+"""Video pipeline: DyCoke TTM on hand-made tensors, frame sampling, decoding errors, the
+synthetic video world, One-Token-Seg-All outputs, and merged == unmerged at K = 0."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segapp.data.videos import VIDEO_KINDS, generate_clip
+from segapp.errors import InputError
+from segapp.export import rle_to_mask
+from segapp.video.io import iter_frames, probe_video
+from segapp.video.sampling import sample_frames
+from segapp.video.ttm import keep_count, retained_fraction, temporal_token_merge
+
+
+# ---- TTM on hand-made tensors -------------------------------------------------------------
+def _static(t: int, n: int = 10, d: int = 6) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(1, n, d).repeat(t, 1, 1)
+
+
+def _expected(t: int, n: int, k: float) -> int:
+    keep = int((1 - k) * n)
+    total = 0
+    for start in range(0, t, 4):
+        size = min(4, t - start)
+        total += n + (size - 1) * keep
+    return total
+
+
+@pytest.mark.parametrize("k", [0.5, 0.7, 0.9])
+def test_static_frames_keep_n_plus_three_per_window(k: float) -> None:
+    n = 10
+    merged = temporal_token_merge(_static(8, n), k)
+    assert len(merged.tokens) == 2 * (n + 3 * int((1 - k) * n))
+    assert merged.index.shape == (len(merged.tokens), 2)
+    # every f0 (frames 0 and 4) keeps all of its patches
+    for f0 in (0, 4):
+        assert merged.index[merged.index[:, 0] == f0, 1].tolist() == list(range(n))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 6, 7, 9])
+def test_odd_frame_counts_and_short_last_window(t: int) -> None:
+    n, k = 10, 0.7
+    merged = temporal_token_merge(_static(t, n), k)
+    assert len(merged.tokens) == _expected(t, n, k)
+    counts = torch.bincount(merged.index[:, 0], minlength=t).tolist()
+    for f in range(t):  # f2 of a short last window is compared too (not skipped)
+        assert counts[f] == (n if f % 4 == 0 else keep_count(n, k))
+
+
+def test_fully_changed_frame_keeps_its_most_changed_tokens() -> None:
+    n, d, k = 12, 2, 0.5
+    f0 = torch.zeros(n, d)
+    f0[:, 0] = 1.0
+    angles = torch.linspace(0.1, math.pi * 0.95, n)[
+        torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    ]
+    f1 = torch.stack([angles.cos(), angles.sin()], 1)  # every token turned, by a different angle
+    merged = temporal_token_merge(torch.stack([f0, f1]), k)
+    kept = merged.index[merged.index[:, 0] == 1, 1]
+    most_changed = angles.argsort(descending=True)[: int((1 - k) * n)].sort().values
+    assert kept.tolist() == most_changed.tolist()
+    # kept tokens are the frame's own tokens at those patches
+    assert torch.equal(merged.tokens[merged.index[:, 0] == 1], f1[most_changed])
+
+
+def test_comparison_pairs_are_f1_f0_f3_f2_f2_f0() -> None:
+    n, k = 4, 0.75  # each compared frame keeps exactly one token: the one that changed
+    base = torch.eye(n)
+    frames = base.repeat(4, 1, 1)
+    frames[1, 2] = -base[2]  # f1 differs from f0 at patch 2
+    frames[2, 1] = -base[1]  # f2 differs from f0 at patch 1
+    frames[3] = frames[2].clone()
+    frames[3, 3] = -base[3]  # f3 differs from f2 at patch 3 (and from f0 at 1 and 3)
+    merged = temporal_token_merge(frames, k)
+    kept = {f: merged.index[merged.index[:, 0] == f, 1].tolist() for f in range(4)}
+    assert kept == {0: [0, 1, 2, 3], 1: [2], 2: [1], 3: [3]}
+
+
+def test_k_zero_keeps_everything_in_order_and_positions_are_flat() -> None:
+    tokens = torch.randn(6, 5, 3)
+    merged = temporal_token_merge(tokens, 0.0)
+    assert torch.equal(merged.tokens, tokens.reshape(-1, 3))
+    assert merged.flat_positions.tolist() == list(range(30))
+    assert retained_fraction(0.7) == pytest.approx(0.475)
+    with pytest.raises(ValueError):
+        temporal_token_merge(tokens, 1.5)
+
+
+# ---- sampling and decoding ----------------------------------------------------------------
+def test_sampling() -> None:
+    assert sample_frames(16, dense=4).dense == (2, 6, 10, 14)
+    assert sample_frames(1, dense=4).dense == (0,)
+    s = sample_frames(100, dense=4, sparse=8, mode="sparse-dense")
+    assert len(s.sparse) == 8 and len(s.dense) == 4 and set(s.all) >= set(s.dense)
+    with pytest.raises(ValueError):
+        sample_frames(0)
+
+
+def _write_video(path, frames, fps=10.0):
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def test_bad_videos_give_clear_errors(tmp_path) -> None:
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x01not a video" * 100)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    folder = tmp_path / "no_frames"
+    folder.mkdir()
+    for path, words in [
+        (corrupt, "video"),
+        (empty, "empty"),
+        (folder, "no frame images"),
+        (tmp_path / "missing.mp4", "no such"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            probe_video(path)
+
+
+def test_frame_folder_and_file_stream_the_same_frames(tmp_path) -> None:
+    clip = generate_clip("test", 3, frames=6)
+    from segapp.video.evaluate import write_frames
+
+    folder = write_frames(clip, tmp_path / "frames")
+    info = probe_video(folder)
+    assert (info.frames, info.size, info.is_folder) == (6, (256, 256), True)
+    got = list(iter_frames(folder, [4, 1]))
+    assert [i for i, _ in got] == [1, 4]
+    assert np.array_equal(got[1][1], clip.frames[4])
+    video = _write_video(tmp_path / "clip.avi", list(clip.frames))
+    assert probe_video(video).frames == 6
+    assert [i for i, _ in iter_frames(video, [0, 5])] == [0, 5]
+
+
+# ---- the synthetic video world ------------------------------------------------------------
+def test_video_world_properties() -> None:
+    seen = set()
+    for i in range(40):
+        clip = generate_clip("test", i)
+        seen.add(clip.kind)
+        areas = clip.masks.sum((1, 2))
+        assert clip.frames.shape == (16, 256, 256, 3) and clip.masks.shape == (16, 256, 256)
+        assert "[SEG]" in clip.answer
+        if clip.kind == "disappears":
+            assert areas[0] > 0 and areas[-1] == 0
+        if clip.kind == "appears":
+            assert areas[0] == 0 and areas[-1] > 0
+        if clip.kind == "grows":
+            assert areas[-1] > 1.5 * areas[0]
+    assert seen == set(VIDEO_KINDS)
+    a, b = generate_clip("val", 5), generate_clip("val", 5)
+    assert np.array_equal(a.frames, b.frames) and a.instruction == b.instruction
+
+
+# ---- the model: reduced decoding, One-Token-Seg-All ---------------------------------------
+@pytest.fixture(scope="module")
+def bundle():
+    from segapp.build import load_model
+
+    return load_model("tiny")
+
+
+def test_reduced_generate_without_reduction_matches_generate(bundle) -> None:
+    from segapp.data.instructions import generate_sample
+    from segapp.modeling.reduction import KVPrune, reduced_generate
+    from segapp.predictor import Segmenter
+
+    seg = Segmenter(bundle)
+    sample = generate_sample("test", 1)
+    cache = seg.set_image(sample.image)
+    _, prompt = seg.prompt_ids(sample.instruction)
+    ids = torch.tensor([prompt])
+    ref = bundle.model.generate(ids, cache.image_tokens)
+    embeds = bundle.model.embed_inputs(ids, cache.image_tokens)
+    pos = torch.arange(ids.shape[1])[None]
+    visual = ids[0] == bundle.model.image_token_id
+    for kv in (None, KVPrune(layer=3, keep=1.0)):  # keeping every visual token changes nothing
+        got = reduced_generate(bundle.model, embeds, pos, visual, kv_prune=kv)
+        assert got.token_ids == ref.token_ids
+        assert torch.equal(got.seg_hidden, ref.seg_hidden)
+    pruned = reduced_generate(bundle.model, embeds, pos, visual, kv_prune=KVPrune(3, 0.25))
+    assert pruned.visual_decode == 16 and pruned.kv_refreshes >= 1
+
+
+def test_fastv_and_divprune_keep_the_asked_share(bundle) -> None:
+    from segapp.data.instructions import generate_sample
+    from segapp.modeling.reduction import divprune_select
+    from segapp.predictor import Segmenter
+    from segapp.token_reduction import predict_reduced
+
+    seg = Segmenter(bundle)
+    seg.set_image(generate_sample("test", 2).image)
+    for method in ("fastv", "divprune"):
+        res = predict_reduced(seg, "the largest object", method=method, keep=0.5)
+        assert res.timings["image_tokens_kept"] == 32 and res.timings["image_tokens_total"] == 64
+    # DivPrune on three tight clusters picks one token from each
+    centres = torch.eye(3)
+    tokens = torch.cat([c + 0.01 * torch.randn(5, 3) for c in centres])
+    picked = divprune_select(tokens, 3)
+    assert sorted((picked // 5).tolist()) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from segapp.video.evaluate import write_frames
+
+    return write_frames(generate_clip("test", 0, frames=6), tmp_path_factory.mktemp("clip"))
+
+
+def test_merged_equals_unmerged_at_k0(bundle, clip_dir) -> None:
+    from segapp.video.pipeline import VideoSegmenter
+
+    seg = VideoSegmenter(bundle)
+    tokens = seg.encode_frames(clip_dir)
+    a = seg.reason(tokens, "the shape that moves fastest", merge=None)
+    b = seg.reason(tokens, "the shape that moves fastest", merge=0.0)
+    assert a.answer == b.answer and torch.equal(a.prompts, b.prompts)
+    assert a.stats["visual_tokens_kept"] == b.stats["visual_tokens_kept"] == 4 * 64
+    for (_, _, ma, sa), (_, _, mb, sb) in zip(
+        seg.iter_masks(clip_dir, a), seg.iter_masks(clip_dir, b), strict=True
+    ):
+        assert np.array_equal(ma, mb) and sa == sb
+    merged = seg.reason(tokens, "the shape that moves fastest", merge=0.7)
+    assert merged.stats["visual_tokens_kept"] == 64 + 3 * 19
+    pruned = seg.reason(tokens, "the shape that moves fastest", merge=0.7, prune=0.7)
+    assert pruned.stats["visual_tokens_decode"] == round(0.3 * 121)
+    assert pruned.stats["prefill_s"] > 0 and pruned.stats["kv_refreshes"] >= 1
+
+
+def test_run_writes_masks_overlay_and_rle_for_every_frame(bundle, clip_dir, tmp_path) -> None:
+    from segapp.video import VideoSegmenter
+
+    seen: list[float] = []
+    result = VideoSegmenter(bundle).run(
+        clip_dir,
+        "the object that changes colour",
+        tmp_path / "out",
+        merge=0.7,
+        progress=lambda f, stage: seen.append(f),
+    )
+    assert result.frames == 6 and result.overlay_path.is_file()
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    rows = [json.loads(line) for line in result.results_path.read_text().splitlines()]
+    assert [r["frame"] for r in rows] == list(range(6))
+    for r in rows:
+        assert r["answer"] == result.answer
+        for k, m in enumerate(r["masks"]):
+            png = cv2.imread(str(result.mask_dir / f"frame_{r['frame']:05d}_mask_{k}.png"), 0)
+            assert np.array_equal(rle_to_mask(m["rle"]), png > 0)
+    for key in ("visual_tokens_kept", "visual_tokens_total", "prefill_s", "decode_s", "total_s"):
+        assert key in result.stats
+    assert result.stats["visual_tokens_kept"] < result.stats["visual_tokens_total"]
+
+
+def test_one_frame_and_4k_videos(bundle, tmp_path) -> None:
+    from segapp.video.pipeline import VideoSegmenter
+
+    seg = VideoSegmenter(bundle)
+    one = _write_video(tmp_path / "one.avi", [generate_clip("test", 1).frames[0]])
+    res = seg.run(one, "the shape that grows", tmp_path / "one", merge=0.7)
+    assert res.frames == 1 and res.stats["visual_tokens_total"] == 64
+    big = np.kron(generate_clip("test", 1, frames=2).frames, np.ones((1, 9, 15, 1), np.uint8))
+    big = big[:, :2160, :3840]
+    four_k = _write_video(tmp_path / "4k.avi", list(big))
+    res = seg.run(four_k, "the shape that grows", tmp_path / "4k", merge=0.7)
+    row = json.loads(res.results_path.read_text().splitlines()[0])
+    assert res.frames == 2 and all(m["rle"]["size"] == [2160, 3840] for m in row["masks"])
+    overlay = cv2.VideoCapture(str(res.overlay_path))
+    assert overlay.get(cv2.CAP_PROP_FRAME_WIDTH) == 1280  # overlay video is downscaled
+
+
+def test_cli_video_and_errors(clip_dir, tmp_path, capsys) -> None:
+    from segapp.cli import run
+
+    assert (
+        run(
+            [
+                "video",
+                str(clip_dir),
+                "the shape that grows",
+                "--out-dir",
+                str(tmp_path),
+                "--quiet",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["frames"] == 6 and (tmp_path / "results.jsonl").is_file()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage" * 50)
+    assert run(["video", str(bad), "anything", "--out-dir", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.mp4" in err[0]
+
+
+def test_video_training_sample_gives_finite_losses_and_gradients(random_model_dir) -> None:
+    from segapp.build import load_model
+    from segapp.config import TrainConfig
+    from segapp.video.training import is_video_step, make_video_sample, video_losses
+
+    assert [is_video_step(s, 0.25) for s in range(8)] == [False, False, False, True] * 2
+    assert not any(is_video_step(s, 0.0) for s in range(100))
+    b = load_model(str(random_model_dir))
+    b.model.train()
+    sample = make_video_sample(b.config, seed=0, step=3)
+    sample.merge = 0.7
+    terms = video_losses(b.model, sample, b.chat, b.config, TrainConfig())
+    terms["video_total"].backward()
+    assert torch.isfinite(terms["video_total"])
+    grad = b.model.projector[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
