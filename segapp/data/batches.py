@@ -126,18 +126,7 @@ def make_batch(
                 for k in q.targets:
                     x, y = deepest_point(scene.masks[k])
                     seg_pts.append((x * scale, y * scale))
-    length = max(len(p) + len(a) for p, a in rows)
-    pad = chat.tokenizer.pad_token_id
-    if not isinstance(pad, int) or pad == chat.image_id:  # LLaVA pads with <unk>, its image slot
-        pad = chat.eos_id
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attn = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (p, a) in enumerate(rows):
-        n = len(p) + len(a)
-        ids[i, :n] = torch.tensor(p + a)
-        labels[i, len(p) : n] = torch.tensor(a)
-        attn[i, :n] = 1
+    ids, attn, labels = pad_rows(chat, rows)
     size = cfg.sam_image_size
     return TrainBatch(
         sam_pixels=torch.stack(sam_px),
@@ -157,6 +146,26 @@ def make_batch(
         seg_cover=torch.cat(seg_cover) if seg_cover else torch.zeros(0, token_grid**2),
         kinds=kinds,
     )
+
+
+def pad_rows(
+    chat: ChatFormat, rows: list[tuple[list[int], list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, answer) id rows -> right-padded input ids, attention mask and labels (the
+    answer's ids; -100 on the prompt and the padding)."""
+    length = max(len(p) + len(a) for p, a in rows)
+    pad = chat.tokenizer.pad_token_id
+    if not isinstance(pad, int) or pad == chat.image_id:  # LLaVA pads with <unk>, its image slot
+        pad = chat.eos_id
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attn = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        labels[i, len(p) : n] = torch.tensor(a)
+        attn[i, :n] = 1
+    return ids, attn, labels
 
 
 class BatchStream(IterableDataset):

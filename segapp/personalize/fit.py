@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from segapp.build import Bundle
 from segapp.config import _f
-from segapp.data.batches import deepest_point, patch_cover
+from segapp.data.batches import deepest_point, pad_rows, patch_cover
 from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
 from segapp.modeling.segllm import SegLLM
@@ -174,16 +174,7 @@ def _rows(
         template = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
         prompt = concept_prompt_ids(bundle, template.format(c=f"<{name}>"), name)
         rows.append((prompt, bundle.chat.answer_ids(POSITIVE if pos else NEGATIVE)))
-    length = max(len(p) + len(a) for p, a in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attn = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (p, a) in enumerate(rows):
-        n = len(p) + len(a)
-        ids[i, :n] = torch.tensor(p + a)
-        labels[i, len(p) : n] = torch.tensor(a)
-        attn[i, :n] = 1
-    return ids, attn, labels
+    return pad_rows(bundle.chat, rows)
 
 
 def _step_losses(
