@@ -1,0 +1,121 @@
+"""`segapp train`: from scratch (a preset) or from loaded weights (`--init-from`).
+
+Registered by segapp.cli with `add_train_command(sub)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from segapp.errors import InputError
+
+# what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:
+# the [SEG] head, SAM's mask decoder, the token embeddings and LM head, LoRA on the LLM)
+CHECKPOINT_TRAINABLE = "text_hidden_fcs,sam.mask_decoder,llm.model.embed_tokens,llm.lm_head"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segapp.cli import load_options, pick_device
+    from segapp.config import MODEL_PRESETS, TrainConfig
+    from segapp.train import train
+
+    tcfg = TrainConfig()
+    changes = {
+        k: getattr(args, k)
+        for k in ("steps", "sam_warmup_steps", "lr", "threads", "workers", "seed", "video_fraction")
+    }
+    if args.init_from and args.sam_warmup_steps is None:
+        changes["sam_warmup_steps"] = 0  # a loaded SAM is already trained
+    tcfg = tcfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    bundle, trainable, lora_r = None, None, args.lora_r or 0
+    device = pick_device(args.device)
+    if args.init_from:
+        if args.preset is not None:
+            raise InputError(
+                "--preset builds a model from scratch; with --init-from the model's shape comes "
+                "from the loaded weights",
+                "--preset",
+            )
+        from dataclasses import replace
+
+        from segapp.build import load_model
+
+        options = replace(load_options(args), new_head=True)
+        bundle = load_model(args.init_from, device=device, options=options)
+        published = bundle.config.chat_format != "segapp"
+        train_text = args.train or (CHECKPOINT_TRAINABLE if published else "")
+        trainable = [t.strip() for t in train_text.split(",") if t.strip()] or None
+        if args.lora_r is None and published:
+            lora_r = 8
+    elif args.train or args.lora_r:
+        raise InputError("--train and --lora-r apply to --init-from", "--train")
+    last = train(
+        Path(args.out),
+        model_cfg=MODEL_PRESETS[args.preset or "tiny"],
+        train_cfg=tcfg,
+        resume=not args.no_resume,
+        device=device,
+        init_from=bundle,
+        trainable=trainable,
+        lora_r=lora_r,
+    )
+    print(json.dumps({"out": args.out, **last}))
+    return 0
+
+
+def add_train_command(sub: Any) -> None:
+    """Add `segapp train` to the CLI's subparsers."""
+    t = sub.add_parser(
+        "train",
+        help="train a preset from scratch, or a loaded model further, on the synthetic world",
+        description="From scratch (--preset, default tiny), or from loaded weights "
+        "(--init-from: segapp weights, a LISA checkpoint, or a plain LLaVA-v1 folder plus --sam, "
+        "whose [SEG] head is trained here). The result is a segapp weights directory (--out).",
+    )
+    t.add_argument("--preset", choices=["tiny"], help="model to build from scratch (tiny)")
+    t.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from this preset name or weights / checkpoint directory",
+    )
+    t.add_argument(
+        "--train",
+        metavar="PREFIXES",
+        help="comma list of parameter-name prefixes that train with --init-from (default: all "
+        f"for segapp weights; {CHECKPOINT_TRAINABLE} for LLaVA / LISA checkpoints)",
+    )
+    t.add_argument(
+        "--lora-r",
+        type=int,
+        help="LoRA rank on the LLM's q/v projections with --init-from (default 8 for LLaVA / "
+        "LISA checkpoints, 0 = none for segapp weights); merged into the saved weights",
+    )
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="weights dtype while training (default fp32)",
+    )
+    t.add_argument("--vision-tower", help="CLIP folder for a LLaVA / LISA checkpoint")
+    t.add_argument("--sam", help="segment-anything .pth (required for a plain LLaVA folder)")
+    t.set_defaults(load_in_8bit=False, load_in_4bit=False)
+    t.add_argument("--out", default="runs/tiny")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--sam-warmup-steps", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    t.add_argument(
+        "--video-fraction",
+        type=float,
+        help="share of joint steps that also train on a synthetic video clip (default 0)",
+    )
+    t.add_argument("--threads", type=int)
+    t.add_argument("--workers", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--no-resume", action="store_true", help="start over even if a checkpoint exists"
+    )
+    t.set_defaults(func=cmd_train)
