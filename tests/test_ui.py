@@ -97,6 +97,24 @@ def _segment_in_browser(page: Any, image: Path, instruction: str) -> str:
     return page.locator("#answer textarea").input_value()
 
 
+def _add_shot(page: Any, image: Path) -> None:
+    """Uploads `image` into the editor and clicks "Add shot" until the shot is taken. The editor's
+    upload lands asynchronously and, on a slow machine, an upload started while the tab is still
+    mounting can stall; so "Add shot" is retried and the image re-uploaded (both bounded)."""
+    for _upload in range(4):
+        page.locator("#shot_editor input[type=file]").first.set_input_files(str(image))
+        for _click in range(6):
+            page.locator("#add_shot").click()
+            try:
+                page.wait_for_function(
+                    "document.querySelector('#shots_text').innerText.includes('shot(s) ready')",
+                    timeout=10_000,
+                )
+                return
+            except Exception:
+                continue
+
+
 def _toast(page: Any, text: str) -> None:
     page.get_by_text(text).first.wait_for(state="visible", timeout=30_000)
 
@@ -190,21 +208,10 @@ def test_browser_personalize_with_progress_then_segment(
     pytest.importorskip("segapp.personalize.fit")
     mask = _concept_mask(tmp_path / "mask.png")
     page.get_by_role("tab", name="Personalize").click()
-    page.locator("#shot_editor input[type=file]").first.set_input_files(
-        str(EXAMPLES / CONCEPT_SHOT)
-    )
+    page.locator("#shot_editor").wait_for(state="visible")
     page.locator("#shot_mask input[type=file]").set_input_files(str(mask))
     page.locator("#shot_mask img").wait_for(state="visible")
-    for _ in range(24):  # the editor's upload lands asynchronously: retry "Add shot" (bounded)
-        page.locator("#add_shot").click()
-        try:
-            page.wait_for_function(
-                "document.querySelector('#shots_text').innerText.includes('shot(s) ready')",
-                timeout=10_000,
-            )
-            break
-        except Exception:
-            continue
+    _add_shot(page, EXAMPLES / CONCEPT_SHOT)
     shots = page.locator("#shots_text").inner_text()
     assert "shot(s) ready" in shots, page.locator("body").inner_text()[-1500:]
     page.locator("#concept_name textarea, #concept_name input").first.fill("banana-thing")
