@@ -29,6 +29,7 @@ from segapp.modeling.builders import (
     build_vision_tower,
     init_weights_,
 )
+from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.precision import Placement, place_, resolve_placement
 from segapp.tokenizer import ChatFormat, chat_format_for, load_tokenizer
@@ -66,6 +67,9 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     image_pos = build_image_pos(cfg)
     if image_pos is not None:
         init_weights_(image_pos)
+    pointer = SegPointer(cfg.llm_hidden, cfg.seg_pointer) if cfg.seg_pointer else None
+    if pointer is not None:
+        init_weights_(pointer)
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
     return SegLLM(
         vision_tower=build_vision_tower(cfg),
@@ -74,6 +78,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         text_hidden_fcs=fcs,
         sam=build_sam(cfg),
         image_pos=image_pos,
+        seg_pointer=pointer,
         image_token_id=chat.image_id,
         seg_token_id=chat.seg_id,
         eos_token_id=chat.eos_id,

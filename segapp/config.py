@@ -51,6 +51,11 @@ class ModelConfig:
         "add SAM's positional encoding of each patch centre to the image tokens, so [SEG] can "
         "point in SAM's coordinates (off for published LISA checkpoints)",
     )
+    seg_pointer: int = _f(
+        0,
+        "width of the [SEG] pointer (0 = none): each [SEG] also picks the image token of its "
+        "target and adds SAM's point prompt at that patch centre (off for published LISA)",
+    )
     # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
     projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
     vision_select_layer: int = _f(
@@ -92,7 +97,7 @@ class ModelConfig:
         return cls(**data)
 
 
-# fields added for published checkpoints; written to config.json only when not at the default
+# fields added after the first tiny model; written to config.json only when not at the default
 CHECKPOINT_ONLY_FIELDS = (
     "projector",
     "vision_select_layer",
@@ -102,6 +107,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "rope_theta",
     "tie_embeddings",
     "chat_format",
+    "seg_pointer",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -128,6 +134,12 @@ class TrainConfig:
     pointer_weight: float = _f(
         1.0, "cross-entropy of a training-only head pointing each [SEG] at its target's patch"
     )
+    pointer_teacher: float = _f(
+        0.5,
+        "share of [SEG] point prompts taken on the target (else where the pointer points); a "
+        "model with a pointer trains the [SEG]-only prompt on every fifth step when it also "
+        "trains on video (video prompts every frame with [SEG] alone)",
+    )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
@@ -148,7 +160,7 @@ class TrainConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # the vision tower reads the synthetic world at full resolution (256 px, 16 x 16 patches,
     # fine enough to tell shapes apart) and the LLM sees 2 x 2-merged tokens (8 x 8 = 64)
-    "tiny": ModelConfig(vision_image_size=256, vision_layers=3, vision_merge=2),
+    "tiny": ModelConfig(vision_image_size=256, vision_layers=3, vision_merge=2, seg_pointer=64),
 }
 
 

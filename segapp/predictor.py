@@ -183,8 +183,8 @@ class Segmenter:
         """One mask per `[SEG]` hidden state, at the original image size."""
         if not len(gen.seg_hidden):
             return []
-        prompts = self.model.seg_prompts(gen.seg_hidden)
-        low, iou = self.model.decode_masks(cache.sam_embedding, prompts[:, None, :])
+        prompts = self.model.generation_prompts(gen)
+        low, iou = self.model.decode_masks(cache.sam_embedding, prompts)
         logits = postprocess_logits(
             low,
             cache.sam_input_size,

@@ -41,7 +41,7 @@ def refine_mask(
         if not 0 <= index < max(count, 1):
             raise InputError(f"mask {index} does not exist (the answer has {count})", "mask")
         if count:
-            tokens.append(model.seg_prompts(gen.seg_hidden[index : index + 1])[:, None, :])
+            tokens.append(model.generation_prompts(gen)[index : index + 1])
             answer = segmenter.bundle.chat.decode(gen.token_ids)
             label = mask_labels(answer, count)[index]
     (height, width), (h, w) = cache.original_size, cache.sam_input_size

@@ -77,6 +77,8 @@ def predict_reduced(
         fastv=FastV(fastv_layer, keep) if method == "fastv" else None,
     )
     t1 = time.perf_counter()
+    if gen.visual_positions is not None:  # kept tokens keep their positions: patch = pos - first
+        gen.image_index = gen.visual_positions - first
     answer = chat.decode(gen.token_ids)
     masks = segmenter._masks(answer, gen, cache)
     t2 = time.perf_counter()

@@ -30,6 +30,7 @@ from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import ATTRIBUTES, BatchStream, TrainBatch
 from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
+from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
 from segapp.video.training import is_video_step, make_video_sample, video_losses
@@ -91,34 +92,30 @@ class ObjectProbe(torch.nn.Module):
         return torch.stack(losses).mean()
 
 
-class PointerHead(torch.nn.Module):
-    """Training-only head: from each `[SEG]` hidden state, point at the image token of its target.
-
-    Cross-entropy over the N image tokens (target: the patch holding the target's most interior
-    point) gives the LLM a crisp "which object" signal long before the mask loss does.
-    """
-
-    def __init__(self, width: int, dim: int = 64) -> None:
-        super().__init__()
-        self.q = torch.nn.Linear(width, dim)
-        self.k = torch.nn.Linear(width, dim)
-
-    def forward(self, seg: torch.Tensor, image: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-        """seg M x H, image M x N x H (hidden states of each [SEG]'s image tokens), cover M x N
-        (share of each token the target covers). Loss: -log P(pointing at any target token)."""
-        scores = torch.einsum("md,mnd->mn", self.q(seg), self.k(image)) / self.q.out_features**0.5
-        on = (cover >= 0.2) | (cover == cover.amax(-1, keepdim=True))
-        hit = scores.masked_fill(~on, float("-inf")).logsumexp(-1)
-        return (scores.logsumexp(-1) - hit).mean()
-
-
 class AuxHeads(torch.nn.Module):
-    """The training-only heads (not saved with the model)."""
+    """The training-only heads (not saved with the model). A model without a `[SEG]` pointer of
+    its own still learns to point, through a training-only one: a crisp "which object" signal
+    long before the mask loss gives one."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.probe = ObjectProbe(cfg.vision_hidden)
-        self.pointer = PointerHead(cfg.llm_hidden)
+        self.pointer = SegPointer(cfg.llm_hidden, 64)
+
+
+def pointer_choice(
+    scores: torch.Tensor, cover: torch.Tensor, teacher: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """M token positions whose patch centre becomes each [SEG]'s point prompt in training.
+
+    With probability `teacher` the best-scored token on the target (the point the model will
+    use when it points right), else the argmax (SAM also learns from where the model actually
+    points, right or wrong, so it does not trust the point blindly).
+    """
+    scores = scores.detach()
+    best_on = scores.masked_fill(~SegPointer.on_target(cover), float("-inf")).argmax(-1)
+    forced = torch.rand(scores.shape[0], generator=generator) < teacher
+    return torch.where(forced.to(scores.device), best_on, scores.argmax(-1))
 
 
 def forward_losses(
@@ -129,8 +126,13 @@ def forward_losses(
     cfg: ModelConfig,
     *,
     joint: bool,
+    point_prompt: bool = True,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loss terms for one batch; 'total' is the weighted sum that is optimised."""
+    """Loss terms for one batch; 'total' is the weighted sum that is optimised.
+
+    point_prompt: a model with a [SEG] pointer gets its point token in the SAM prompt (False
+    trains the [SEG]-only prompt, which video uses)."""
     w = tcfg
     emb = model.encode_sam(batch.sam_pixels)
     logits, ious = decode_per_image(
@@ -160,15 +162,21 @@ def forward_losses(
     terms["ce"] = ce
     total = 0.5 * sam_total + w.probe_weight * probe_loss + w.ce_weight * ce
     if hidden.shape[0]:
-        prompts = model.seg_prompts(hidden)[:, None, :]
+        slots = batch.input_ids == model.image_token_id
+        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])[batch.seg_query]
+        own = model.seg_pointer
+        scores = (own or aux.pointer).scores(hidden, image_hidden)
+        pointer = SegPointer.loss(scores, batch.seg_cover)
+        if own is not None and point_prompt:
+            choice = pointer_choice(scores, batch.seg_cover, w.pointer_teacher, generator)
+            prompts = model.seg_prompts(hidden, image_hidden, choice=choice)
+        else:
+            prompts = model.seg_prompts(hidden)
         seg_logits, seg_ious = decode_per_image(
             model, emb, prompts, batch.query_image[batch.seg_query]
         )
         seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
-        anchor = F.mse_loss(prompts, model.point_token(batch.seg_points).detach())
-        slots = batch.input_ids == model.image_token_id
-        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
-        pointer = aux.pointer(hidden, image_hidden[batch.seg_query], batch.seg_cover)
+        anchor = F.mse_loss(prompts[:, 0], model.point_token(batch.seg_points)[:, 0].detach())
         total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
         total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
         total = total + w.pointer_weight * pointer
@@ -341,7 +349,10 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(stage_step, stage_len, train_cfg.warmup, train_cfg.lr)
         batch = _to(batch, device)
-        terms = forward_losses(model, aux, batch, train_cfg, model_cfg, joint=joint)
+        point_prompt = step % 5 != 0 or train_cfg.video_fraction == 0  # see TrainConfig
+        terms = forward_losses(
+            model, aux, batch, train_cfg, model_cfg, joint=joint, point_prompt=point_prompt
+        )
         if joint and is_video_step(step, train_cfg.video_fraction):
             sample = make_video_sample(model_cfg, train_cfg.seed, step)
             video = video_losses(model, sample, chat, model_cfg, train_cfg)

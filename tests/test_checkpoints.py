@@ -261,7 +261,7 @@ def _seg_masks(segmenter: Segmenter, image: np.ndarray) -> tuple[torch.Tensor, t
         embeds = model.embed_inputs(ids, cache.image_tokens)
         hidden = model.llm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
         picked = hidden[SegLLM.seg_source_mask(ids, model.seg_token_id)]
-        low, iou = model.decode_masks(cache.sam_embedding, model.seg_prompts(picked)[:, None, :])
+        low, iou = model.decode_masks(cache.sam_embedding, model.seg_prompts(picked))
         size = model.sam.image_encoder.img_size
         logits = postprocess_logits(low, cache.sam_input_size, cache.original_size, size)
     return logits, iou

@@ -243,6 +243,41 @@ def test_patch_positions_follow_sam_point_encoding(random_model_dir: Path) -> No
     torch.testing.assert_close(pe[2 * 8 + 5], expected)
 
 
+def test_pointer_adds_sams_point_token_at_the_chosen_patch(random_model_dir: Path) -> None:
+    """With a [SEG] pointer each prompt is [text_hidden_fcs(h), SAM point token at the centre
+    of the patch the pointer picks]; a subset of tokens with their patch numbers (token
+    reduction) points at the same place as the full grid when the winner is kept."""
+    model = load_bundle(random_model_dir).model
+    assert model.seg_pointer is not None
+    torch.manual_seed(0)
+    seg, image = torch.randn(3, 128), torch.randn(64, 128)
+    with torch.no_grad():
+        prompts = model.seg_prompts(seg, image)
+        winner = model.seg_pointer.scores(seg, image).argmax(-1)
+        assert prompts.shape == (3, 2, model.sam.prompt_encoder.embed_dim)
+        torch.testing.assert_close(prompts[:, 0], model.text_hidden_fcs(seg))
+        size = model.sam.image_encoder.img_size
+        row, col = winner // 8, winner % 8
+        centres = torch.stack([(col + 0.5) * size / 8, (row + 0.5) * size / 8], -1).float()
+        torch.testing.assert_close(prompts[:, 1:], model.point_token(centres))
+        # the kept subset: every winner plus every third token, with their patch numbers
+        kept = torch.unique(torch.cat([winner, torch.arange(0, 64, 3)]))
+        torch.testing.assert_close(model.seg_prompts(seg, image[kept], kept), prompts)
+        # no image hidden states (video's One-Token-Seg-All): the [SEG] token alone
+        assert model.seg_prompts(seg).shape == (3, 1, model.sam.prompt_encoder.embed_dim)
+
+
+def test_pointer_training_choice_is_on_target_when_forced() -> None:
+    from segapp.train import pointer_choice
+
+    scores = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.0, 3.0, 1.0, 0.0]])
+    cover = torch.tensor([[0.0, 0.0, 0.9, 0.5], [0.0, 0.6, 0.0, 0.0]])
+    forced = pointer_choice(scores, cover, 1.0, None)
+    assert forced.tolist() == [3, 1]  # best-scored token among those on the target
+    free = pointer_choice(scores, cover, 0.0, None)
+    assert free.tolist() == [0, 1]  # where the pointer points, right or wrong
+
+
 def test_mask_labels_drop_lead_in_words() -> None:
     from segapp.predictor import mask_labels
 

@@ -59,6 +59,7 @@ class ReducedGeneration(Generation):
     visual_decode: int = 0  # visual tokens late layers attend to while decoding
     kv_refreshes: int = 0  # times the KV-pruning kept set was recomputed
     kv_cache_bytes: int = 0  # size of the KV cache after prefill
+    visual_positions: torch.Tensor | None = None  # RoPE position of each row of image_hidden
 
 
 class _KVStore:
@@ -201,6 +202,7 @@ def reduced_generate(
             att = _attention(query, cache.keys[i], layer)  # type: ignore[arg-type]
     hidden = lm.norm(h[:, -1])
     logits = model.llm.lm_head(hidden)
+    image_hidden, visual_positions = lm.norm(h[0, vis]), pos[0, vis]
     prefill_len = h.shape[1]
     kv_bytes = cache.nbytes()
     t1 = time.perf_counter()
@@ -260,4 +262,6 @@ def reduced_generate(
         visual_decode=n_keep,
         kv_refreshes=refreshes,
         kv_cache_bytes=kv_bytes,
+        image_hidden=image_hidden,
+        visual_positions=visual_positions,
     )

@@ -7,8 +7,9 @@ Data flow (shapes for B images, Q sequences, M `[SEG]` tokens):
   input ids Q x L with N `<image>` slots each -> token embeddings with image tokens spliced in
   -> causal LM -> last-layer hidden states Q x L x H
   hidden state that predicts each `[SEG]` (LISA's convention) -> text_hidden_fcs -> M x D
+  (+ with a pointer: SAM's point token at the image patch each [SEG] points at -> M x 2 x D)
   SAM pixels B x 3 x S x S -> SAM image encoder -> B x D x h x w (cached per image)
-  each M x D prompt -> segment_anything's MaskDecoder as sparse_prompt_embeddings M x 1 x D,
+  each prompt -> segment_anything's MaskDecoder as sparse_prompt_embeddings M x K x D,
   dense prompt = no_mask_embed -> M x 1 x 4h x 4w mask logits (+ an IoU score each).
 """
 
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
 from transformers import PreTrainedModel
+
+from segapp.modeling.pointer import SegPointer
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Generation:
     prefill_tokens: int  # sequence length at prefill (image tokens included)
     prefill_s: float = 0.0  # wall time of the prefill forward pass
     decode_s: float = 0.0  # wall time of the token-by-token loop
+    image_hidden: torch.Tensor | None = None  # N' x H last-layer hidden states of image tokens
+    image_index: torch.Tensor | None = None  # N' patch index of each (None: 0..N-1)
 
 
 class SegLLM(nn.Module):
@@ -44,6 +50,7 @@ class SegLLM(nn.Module):
         text_hidden_fcs: nn.Module,
         sam: Sam,
         image_pos: nn.Module | None = None,
+        seg_pointer: SegPointer | None = None,
         image_token_id: int,
         seg_token_id: int,
         eos_token_id: int,
@@ -57,6 +64,7 @@ class SegLLM(nn.Module):
         self.text_hidden_fcs = text_hidden_fcs
         self.sam = sam
         self.image_pos = image_pos
+        self.seg_pointer = seg_pointer
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
@@ -97,21 +105,36 @@ class SegLLM(nn.Module):
             )
         return tokens
 
-    def patch_position_encoding(self, n_patches: int, vision_size: int) -> torch.Tensor:
-        """N x D: SAM's positional encoding of each vision patch centre in the SAM input frame.
+    def patch_centres(self, n_patches: int, vision_size: int) -> torch.Tensor:
+        """N x 2 (x, y): each vision patch centre in SAM input pixels.
 
         Both encoders see the image resized longest-side and padded bottom/right, so a vision
         pixel maps to SAM's frame by one scale factor.
         """
         grid = int(round(n_patches**0.5))
-        pe = self.sam.prompt_encoder
-        scale = pe.input_image_size[0] / vision_size
+        scale = self.sam.prompt_encoder.input_image_size[0] / vision_size
         step = vision_size / grid
         centres = (torch.arange(grid, device=self.device, dtype=torch.float32) + 0.5) * step * scale
         ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-        coords = torch.stack([xs.flatten(), ys.flatten()], -1)[None]
+        return torch.stack([xs.flatten(), ys.flatten()], -1)
+
+    def patch_position_encoding(self, n_patches: int, vision_size: int) -> torch.Tensor:
+        """N x D: SAM's positional encoding of each vision patch centre in the SAM input frame."""
+        pe = self.sam.prompt_encoder
+        coords = self.patch_centres(n_patches, vision_size)[None]
         dtype = next(self.image_pos.parameters()).dtype if self.image_pos is not None else None
         return pe.pe_layer.forward_with_coords(coords, pe.input_image_size)[0].to(dtype)
+
+    @property
+    def vision_size(self) -> int:
+        """Square input size of the vision tower, pixels."""
+        return int(cast(Any, self.vision_tower).config.image_size)
+
+    @property
+    def image_grid_tokens(self) -> int:
+        """Image tokens per image the LLM sees (before any token reduction)."""
+        patch = int(cast(Any, self.vision_tower).config.patch_size)
+        return (self.vision_size // patch // self.vision_merge) ** 2
 
     def encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S (SAM-normalised, padded) -> B x D x h x w image embedding."""
@@ -136,9 +159,37 @@ class SegLLM(nn.Module):
         embeds[slots] = image_tokens.reshape(-1, image_tokens.shape[-1]).to(embeds.dtype)
         return embeds
 
-    def seg_prompts(self, hidden: torch.Tensor) -> torch.Tensor:
-        """M x H hidden states -> M x D sparse prompt embeddings for SAM."""
-        return self.text_hidden_fcs(hidden)
+    def seg_prompts(
+        self,
+        hidden: torch.Tensor,
+        image_hidden: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        *,
+        choice: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """M x H `[SEG]` hidden states -> M x K x D sparse prompt tokens for SAM.
+
+        K = 1 (text_hidden_fcs) without a pointer or without `image_hidden` (M x N' x H or
+        N' x H: last-layer hidden states of the image tokens the LLM kept; `image_index`: their
+        patch numbers, default 0..N'-1). With both, K = 2: the second token is SAM's
+        positive-point token at the centre of the patch each `[SEG]` points at (`choice`: M
+        token positions to use instead of the pointer's argmax, for training).
+        """
+        prompts = self.text_hidden_fcs(hidden)[:, None, :]
+        if self.seg_pointer is None or image_hidden is None:
+            return prompts
+        if choice is None:
+            choice = self.seg_pointer.scores(hidden, image_hidden).argmax(-1)
+        patch = choice if image_index is None else image_index.to(choice.device)[choice]
+        points = self.patch_centres(self.image_grid_tokens, self.vision_size)[patch]
+        return torch.cat([prompts, self.point_token(points).to(prompts.dtype)], 1)
+
+    def generation_prompts(self, gen: Generation) -> torch.Tensor:
+        """`seg_prompts` for a finished generation (M x K x D; M = 0 without `[SEG]`)."""
+        if not len(gen.seg_hidden):
+            width = self.sam.prompt_encoder.embed_dim
+            return gen.seg_hidden.new_zeros(0, 1, width)
+        return self.seg_prompts(gen.seg_hidden, gen.image_hidden, gen.image_index)
 
     @staticmethod
     def seg_source_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:
@@ -202,6 +253,8 @@ class SegLLM(nn.Module):
         embeds = self.embed_inputs(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
         past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+        slots = input_ids == self.image_token_id
+        image_hidden = [out.hidden_states[-1][row][slots[row]] for row in range(batch)]
         t1 = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
@@ -240,6 +293,7 @@ class SegLLM(nn.Module):
                 int(input_ids.shape[1]),
                 (t1 - t0) / batch,
                 (t2 - t1) / batch,
+                image_hidden[row],
             )
             for row in range(batch)
         ]

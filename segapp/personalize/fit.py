@@ -26,6 +26,7 @@ from segapp.config import _f
 from segapp.data.batches import deepest_point, pad_rows, patch_cover
 from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
+from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.adapters import (
     base_copy,
@@ -44,7 +45,7 @@ from segapp.personalize.store import (
 )
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
-from segapp.train import PointerHead
+from segapp.train import pointer_choice
 
 Progress = Callable[[float, str], None]
 MAX_SHOTS = 5
@@ -184,8 +185,9 @@ def _step_losses(
     pick: torch.Tensor,
     name: str,
     rng: np.random.Generator,
-    pointer: PointerHead | None,
+    pointer: SegPointer | None,
     pointer_weight: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     positive = pool.positive[pick].tolist()
     ids, attn, labels = (t.to(model.device) for t in _rows(bundle, name, positive, rng))
@@ -198,7 +200,19 @@ def _step_losses(
     if hidden.shape[0] != rows.shape[0]:
         raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens for {rows.shape[0]} positives")
     if rows.numel():
-        prompts = model.seg_prompts(hidden)[:, None, :]
+        last = out.hidden_states[-1]
+        slots = ids == model.image_token_id
+        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
+        image_hidden = image_hidden[pool.positive[pick].nonzero()[:, 0]]
+        if pointer is not None:
+            scores = pointer.scores(hidden, image_hidden)
+            terms["pointer"] = SegPointer.loss(scores, pool.cover[rows])
+        if model.seg_pointer is not None:  # the model's own pointer adds SAM's point token
+            assert pointer is not None
+            choice = pointer_choice(scores, pool.cover[rows], 0.5, generator)
+            prompts = model.seg_prompts(hidden, image_hidden, choice=choice)
+        else:
+            prompts = model.seg_prompts(hidden)
         size = model.sam.image_encoder.img_size
         logits, ious = [], []
         for j, r in enumerate(rows.tolist()):
@@ -207,14 +221,10 @@ def _step_losses(
             ious.append(iou[:, 0])
         lg, target = torch.cat(logits)[:, 0], pool.masks[rows]
         terms["bce"], terms["dice"] = bce_loss(lg, target), dice_loss(lg, target)
-        terms["anchor"] = F.mse_loss(prompts, model.point_token(pool.points[rows]).detach())
+        terms["anchor"] = F.mse_loss(
+            prompts[:, 0], model.point_token(pool.points[rows])[:, 0].detach()
+        )
         terms["iou"] = mask_iou(lg.detach(), target).mean()
-        if pointer is not None:
-            last = out.hidden_states[-1]
-            slots = ids == model.image_token_id
-            image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
-            positive_rows = pool.positive[pick].nonzero()[:, 0]
-            terms["pointer"] = pointer(hidden, image_hidden[positive_rows], pool.cover[rows])
     zero = terms["ce"] * 0
     terms["total"] = (
         terms["ce"]
@@ -242,8 +252,15 @@ def fit_lora(
         _init_concept_row(model, bundle, shots)
     progress(0.02, "making training scenes")
     pool = build_pool(model, bundle, shots, fc)
-    pointer = PointerHead(bundle.config.llm_hidden).to(model.device) if fc.pointer_weight else None
-    params = trainable_parameters(peft) + (list(pointer.parameters()) if pointer else [])
+    # the model's own [SEG] pointer stays frozen (the LoRA learns to aim it); a model without
+    # one gets a fit-only pointer, for the "which object" signal
+    pointer = model.seg_pointer
+    if pointer is None and fc.pointer_weight:
+        pointer = SegPointer(bundle.config.llm_hidden, 64).to(model.device)
+    own = pointer is model.seg_pointer
+    params = trainable_parameters(peft) + (
+        list(pointer.parameters()) if pointer and not own else []
+    )
     opt = torch.optim.AdamW(params, lr=fc.lr, weight_decay=0.0)
     rng = np.random.default_rng([29, fc.seed])
     gen = torch.Generator().manual_seed(fc.seed)
@@ -262,7 +279,7 @@ def fit_lora(
         pick = torch.randint(len(pool.positive), (fc.batch,), generator=gen)
         pick[0] = step % n_shots  # every step sees a real shot
         terms = _step_losses(
-            model, bundle, pool, pick.to(model.device), name, rng, pointer, fc.pointer_weight
+            model, bundle, pool, pick.to(model.device), name, rng, pointer, fc.pointer_weight, gen
         )
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()

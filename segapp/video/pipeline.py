@@ -81,7 +81,7 @@ class VideoAnswer:
 
     instruction: str
     answer: str
-    prompts: torch.Tensor  # M x D sparse prompt embeddings
+    prompts: torch.Tensor  # M x 1 x D sparse prompt embeddings
     labels: list[str]
     stats: dict[str, Any]
 
@@ -218,10 +218,12 @@ class VideoSegmenter:
             kv_prune=kv,
         )
         answer = chat.decode(gen.token_ids)
+        # One-Token-Seg-All: the [SEG] prompt alone goes to every frame (a pointer's point is
+        # a location in one frame, wrong once the object moves), so no image hidden states here
         prompts = (
             self.model.seg_prompts(gen.seg_hidden)
             if len(gen.seg_hidden)
-            else gen.seg_hidden.new_zeros(0, self.bundle.config.prompt_dim)
+            else gen.seg_hidden.new_zeros(0, 1, self.bundle.config.prompt_dim)
         )
         stats = {
             "merge": merge,
@@ -275,7 +277,7 @@ class VideoSegmenter:
         if not len(answer.prompts):
             return np.zeros((0, h, w), bool), []
         size = self.model.sam.image_encoder.img_size
-        low, iou = self.model.decode_masks(frame.embedding, answer.prompts[:, None, :])
+        low, iou = self.model.decode_masks(frame.embedding, answer.prompts)
         logits = postprocess_logits(low, frame.input_size, (h, w), size)
         return (logits > 0).cpu().numpy(), iou[:, 0].float().clamp(0, 1).cpu().tolist()
 

@@ -89,7 +89,7 @@ def video_losses(
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
     if hidden.shape[0]:
-        prompts = model.seg_prompts(hidden[:1])[:, None, :]  # one target per clip
+        prompts = model.seg_prompts(hidden[:1])  # one target per clip; no pointer in video
         emb = model.encode_sam(sample.sam_pixels.to(device))
         size = model.sam.image_encoder.img_size
         logits = []
