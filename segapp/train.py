@@ -20,169 +20,18 @@ from typing import Any, cast
 
 import cv2
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segapp.build import Bundle, build_segllm, image_token_count, save_bundle
 from segapp.config import ModelConfig, TrainConfig
-from segapp.data.batches import ATTRIBUTES, BatchStream, TrainBatch
+from segapp.data.batches import BatchStream, TrainBatch
 from segapp.errors import InputError
-from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
-from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
+from segapp.train_losses import AuxHeads, forward_losses
 from segapp.video.training import is_video_step, make_video_sample, video_losses
-
-
-def mask_terms(
-    logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, tcfg: TrainConfig
-) -> dict[str, torch.Tensor]:
-    """logits M x S x S (upsampled to the SAM frame), iou_pred M, targets M x S x S."""
-    actual = mask_iou(logits.detach(), targets)
-    return {
-        "bce": bce_loss(logits, targets),
-        "dice": dice_loss(logits, targets),
-        "iou": F.mse_loss(iou_pred.float(), actual),
-    }
-
-
-def decode_per_image(
-    model: SegLLM, emb: torch.Tensor, sparse: torch.Tensor, image_of: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the mask decoder image by image (it pairs one image with many prompts).
-
-    Returns logits M x S x S in the padded SAM frame and IoU predictions M, in input order.
-    """
-    size = model.sam.image_encoder.img_size
-    logits = sparse.new_zeros(sparse.shape[0], size, size)
-    ious = sparse.new_zeros(sparse.shape[0])
-    for b in image_of.unique().tolist():
-        sel = (image_of == b).nonzero()[:, 0]
-        low, iou = model.decode_masks(emb[b : b + 1], sparse[sel])
-        logits[sel] = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0]
-        ious[sel] = iou[:, 0]
-    return logits, ious
-
-
-class ObjectProbe(torch.nn.Module):
-    """Training-only linear heads reading colour/shape/size/texture off each object's patches.
-
-    Each object's feature is the mean of the vision patch tokens weighted by how much of each
-    patch it covers, so the tower learns to describe whole objects (a shape is a property of
-    the outline, not of one interior patch). A cheap, dense signal that teaches the
-    from-scratch tower what the LLM will talk about; it is not part of the saved model.
-    """
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, len(names)) for names in ATTRIBUTES)
-
-    def forward(
-        self, feats: torch.Tensor, cover: torch.Tensor, attrs: torch.Tensor
-    ) -> torch.Tensor:
-        """feats B x N x C, cover B x K x N, attrs B x K x 4 (-100 = padding) -> mean CE."""
-        weights = cover / cover.sum(-1, keepdim=True).clamp_min(1e-6)
-        pooled = torch.einsum("bkn,bnc->bkc", weights, feats)
-        losses = [
-            F.cross_entropy(h(pooled).flatten(0, 1), attrs[..., a].flatten())
-            for a, h in enumerate(self.heads)
-        ]
-        return torch.stack(losses).mean()
-
-
-class AuxHeads(torch.nn.Module):
-    """The training-only heads (not saved with the model). A model without a `[SEG]` pointer of
-    its own still learns to point, through a training-only one: a crisp "which object" signal
-    long before the mask loss gives one."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.probe = ObjectProbe(cfg.vision_hidden)
-        self.pointer = SegPointer(cfg.llm_hidden, 64)
-
-
-def pointer_choice(
-    scores: torch.Tensor, cover: torch.Tensor, teacher: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """M token positions whose patch centre becomes each [SEG]'s point prompt in training.
-
-    With probability `teacher` the best-scored token on the target (the point the model will
-    use when it points right), else the argmax (SAM also learns from where the model actually
-    points, right or wrong, so it does not trust the point blindly).
-    """
-    scores = scores.detach()
-    best_on = scores.masked_fill(~SegPointer.on_target(cover), float("-inf")).argmax(-1)
-    forced = torch.rand(scores.shape[0], generator=generator) < teacher
-    return torch.where(forced.to(scores.device), best_on, scores.argmax(-1))
-
-
-def forward_losses(
-    model: SegLLM,
-    aux: AuxHeads,
-    batch: TrainBatch,
-    tcfg: TrainConfig,
-    cfg: ModelConfig,
-    *,
-    joint: bool,
-    point_prompt: bool = True,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Loss terms for one batch; 'total' is the weighted sum that is optimised.
-
-    point_prompt: a model with a [SEG] pointer gets its point token in the SAM prompt (False
-    trains the [SEG]-only prompt, which video uses)."""
-    w = tcfg
-    emb = model.encode_sam(batch.sam_pixels)
-    logits, ious = decode_per_image(
-        model, emb, model.point_token(batch.point_xy), batch.point_image
-    )
-    point = mask_terms(logits, ious, batch.point_masks, tcfg)
-    sam_total = (
-        w.bce_weight * point["bce"] + w.dice_weight * point["dice"] + w.iou_weight * point["iou"]
-    )
-    feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
-    probe_loss = aux.probe(feats, batch.object_cover, batch.object_attrs)
-    terms = {"point_dice": point["dice"], "probe": probe_loss}
-    if not joint:
-        terms["total"] = sam_total + probe_loss
-        return terms
-    tokens = model.project(feats, cfg.vision_image_size)[batch.query_image]
-    embeds = model.embed_inputs(batch.input_ids, tokens)
-    out = model.llm(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
-    )
-    ce = text_loss(out.logits, batch.labels)
-    src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
-    last = out.hidden_states[-1]
-    hidden = last[src]
-    if hidden.shape[0] != batch.seg_masks.shape[0]:
-        raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
-    terms["ce"] = ce
-    total = 0.5 * sam_total + w.probe_weight * probe_loss + w.ce_weight * ce
-    if hidden.shape[0]:
-        slots = batch.input_ids == model.image_token_id
-        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])[batch.seg_query]
-        own = model.seg_pointer
-        scores = (own or aux.pointer).scores(hidden, image_hidden)
-        pointer = SegPointer.loss(scores, batch.seg_cover)
-        if own is not None and point_prompt:
-            choice = pointer_choice(scores, batch.seg_cover, w.pointer_teacher, generator)
-            prompts = model.seg_prompts(hidden, image_hidden, choice=choice)
-        else:
-            prompts = model.seg_prompts(hidden)
-        seg_logits, seg_ious = decode_per_image(
-            model, emb, prompts, batch.query_image[batch.seg_query]
-        )
-        seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
-        anchor = F.mse_loss(prompts[:, 0], model.point_token(batch.seg_points)[:, 0].detach())
-        total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
-        total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
-        total = total + w.pointer_weight * pointer
-        terms.update(dice=seg["dice"], anchor=anchor, pointer=pointer)
-    terms["total"] = total
-    return terms
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:

@@ -268,7 +268,7 @@ def test_pointer_adds_sams_point_token_at_the_chosen_patch(random_model_dir: Pat
 
 
 def test_pointer_training_choice_is_on_target_when_forced() -> None:
-    from segapp.train import pointer_choice
+    from segapp.train_losses import pointer_choice
 
     scores = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.0, 3.0, 1.0, 0.0]])
     cover = torch.tensor([[0.0, 0.0, 0.9, 0.5], [0.0, 0.6, 0.0, 0.0]])

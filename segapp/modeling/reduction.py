@@ -202,7 +202,8 @@ def reduced_generate(
             att = _attention(query, cache.keys[i], layer)  # type: ignore[arg-type]
     hidden = lm.norm(h[:, -1])
     logits = model.llm.lm_head(hidden)
-    image_hidden, visual_positions = lm.norm(h[0, vis]), pos[0, vis]
+    image_hidden = lm.norm(h[0, vis]) if model.seg_pointer is not None else None
+    visual_positions = pos[0, vis]
     prefill_len = h.shape[1]
     kv_bytes = cache.nbytes()
     t1 = time.perf_counter()

@@ -253,8 +253,11 @@ class SegLLM(nn.Module):
         embeds = self.embed_inputs(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
         past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
-        slots = input_ids == self.image_token_id
-        image_hidden = [out.hidden_states[-1][row][slots[row]] for row in range(batch)]
+        slots = input_ids == self.image_token_id  # kept for the pointer only
+        image_hidden = [
+            out.hidden_states[-1][row][slots[row]] if self.seg_pointer is not None else None
+            for row in range(batch)
+        ]
         t1 = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]

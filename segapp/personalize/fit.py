@@ -45,7 +45,7 @@ from segapp.personalize.store import (
 )
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
-from segapp.train import pointer_choice
+from segapp.train_losses import pointer_choice
 
 Progress = Callable[[float, str], None]
 MAX_SHOTS = 5
@@ -258,6 +258,8 @@ def fit_lora(
     if pointer is None and fc.pointer_weight:
         pointer = SegPointer(bundle.config.llm_hidden, 64).to(model.device)
     own = pointer is model.seg_pointer
+    if own and pointer is not None:
+        pointer.requires_grad_(False)  # the private copy's pointer: no gradients to compute
     params = trainable_parameters(peft) + (
         list(pointer.parameters()) if pointer and not own else []
     )
