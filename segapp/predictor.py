@@ -20,7 +20,7 @@ from segapp.build import Bundle, load_model
 from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
 from segapp.modeling.segllm import Generation
-from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
+from segapp.preprocess import postprocess_logits, sam_tensor, sam_thumbnail, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 
 _LEAD = re.compile(
@@ -69,6 +69,7 @@ class ImageCache:
     sam_input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
     image_tokens: torch.Tensor  # 1 x N x H_llm projected vision tokens
     sam_embedding: torch.Tensor  # 1 x D x h x w
+    thumbnail: torch.Tensor | None = None  # 3 x T x T RGB of the SAM frame (sam_thumbnail)
 
 
 @dataclass
@@ -139,7 +140,9 @@ class Segmenter:
         emb = self.model.encode_sam(sam_px[None].to(self.device))
         self.encoder_calls["sam"] += 1
         t2 = time.perf_counter()
-        self.cache = ImageCache(key, (rgb.shape[0], rgb.shape[1]), input_size, tokens, emb)
+        self.cache = ImageCache(
+            key, (rgb.shape[0], rgb.shape[1]), input_size, tokens, emb, sam_thumbnail(sam_px)
+        )
         self.last_encode_timings = {"vision_tower": t1 - t0, "sam_encoder": t2 - t1}
         return self.cache
 
@@ -162,7 +165,14 @@ class Segmenter:
         self.encoder_calls["vision"] += 1
         self.encoder_calls["sam"] += 1
         return [
-            ImageCache(p.key, p.original_size, p.sam_input_size, tokens[i : i + 1], emb[i : i + 1])
+            ImageCache(
+                p.key,
+                p.original_size,
+                p.sam_input_size,
+                tokens[i : i + 1],
+                emb[i : i + 1],
+                sam_thumbnail(p.sam),
+            )
             for i, p in enumerate(images)
         ]
 

@@ -34,6 +34,21 @@ def image_tensor(
     return F.pad(x, (0, size - w, 0, size - h)), (h, w)
 
 
+THUMBNAIL_SIZE = 128  # side of the small RGB copy of the SAM frame kept with an image's cache
+
+
+def sam_thumbnail(sam_pixels: torch.Tensor) -> torch.Tensor:
+    """3 x S x S SAM input (normalised, zero-padded) -> 3 x T x T RGB in 0..255 in the same
+    frame (padding black): what mask-pooled colour features are computed on."""
+    x = sam_pixels.float().cpu()
+    inside = x.abs().sum(0, keepdim=True) > 0
+    rgb = (
+        x * torch.tensor(SAM_STD)[:, None, None] + torch.tensor(SAM_MEAN)[:, None, None]
+    ) * inside
+    small = F.interpolate(rgb[None], (THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")[0]
+    return small.clamp(0, 255)
+
+
 def sam_tensor(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     return image_tensor(image, size, SAM_MEAN, SAM_STD)
 

@@ -20,7 +20,9 @@ Public API (other parts -- service, REST, UI, batch -- use only this)::
 - ``images``: list of H x W x 3 uint8 arrays; ``masks``: list of H x W bool arrays (same H, W
   as their image, not empty). ``progress(fraction 0..1, message)`` is called while fitting.
 - ``method``: "lora" (peft LoRA on the LLM's q/v projections + the concept token's embedding
-  row + a LoRA on the [SEG] head and SAM's mask decoder) or "persam" (training-free, PerSAM-style:
+  row + a LoRA on the [SEG] head and SAM's mask decoder, then a concept verifier that picks,
+  among the adapter's [SEG] mask and SAM's point-grid masks, the one that looks like the
+  concept, or none: see verify.py) or "persam" (training-free, PerSAM-style:
   SAM target feature + location prior + positive/negative points + cascaded refinement).
 - Names: user ids and concept names are slugs ``[a-z0-9][a-z0-9_-]{0,47}``; an instruction names
   a concept as ``<name>``. A bad slug, an unknown concept or another user's concept raises
@@ -29,7 +31,8 @@ Public API (other parts -- service, REST, UI, batch -- use only this)::
   argument of every predict, never sticky state); at most ``max_loaded`` stay loaded (LRU).
   With no concept in the instruction every adapter is disabled: outputs equal the base model's.
 - Store layout: ``<root>/<user>/<concept>/`` = peft ``save_pretrained`` files
-  (adapter_config.json, adapter_model.safetensors) + concept.json (ConceptInfo); written into a
+  (adapter_config.json, adapter_model.safetensors) + verifier.safetensors (LoRA concepts) +
+  concept.json (ConceptInfo); written into a
   temporary sibling directory and renamed into place, so a crash mid-save keeps the old version.
 """
 

@@ -34,7 +34,7 @@ def add_personalize_command(sub: Any) -> None:
     p.add_argument("--name", help="concept name; instructions refer to it as <name>")
     p.add_argument("--images", nargs="+", help="1-5 images showing the object")
     p.add_argument("--masks", nargs="+", help="one mask PNG per image (object = white)")
-    p.add_argument("--steps", type=int, help="LoRA optimisation steps (default 300)")
+    p.add_argument("--steps", type=int, help="LoRA optimisation steps (default 200)")
     p.add_argument("--method", default="lora", choices=["lora", "persam"])
     p.add_argument("--list", action="store_true", help="list the user's concepts")
     p.add_argument("--delete", action="store_true", help="delete concept --name")

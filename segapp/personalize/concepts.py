@@ -257,19 +257,38 @@ def _paste(image: np.ndarray, cut: Cutout, occupied: np.ndarray, rng: np.random.
     return full
 
 
+def _reskin(image: np.ndarray, silhouette: np.ndarray, cut: Cutout) -> None:
+    """Paint ``cut``'s pixels (stretched to fit, its median colour where it has none) over
+    another object's ``silhouette``, in place: same look, other form."""
+    ys, xs = np.nonzero(silhouette)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    size = (int(x1 - x0), int(y1 - y0))
+    rgb = cv2.resize(cut.rgb, size, interpolation=cv2.INTER_LINEAR)
+    inside = cv2.resize(cut.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    fill = np.where(inside[..., None], rgb, np.median(cut.rgb[cut.mask], axis=0).astype(np.uint8))
+    region, where = image[y0:y1, x0:x1], silhouette[y0:y1, x0:x1]
+    region[where] = fill[where]
+
+
 def augment(
     cuts: list[Cutout], rng: np.random.Generator, *, present: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training scene: a world scene with one shot's object pasted on top (``present``), and
-    often a hue-shifted copy of a shot as a hard distractor. Returns (image, mask)."""
+    often a hard distractor: a hue-shifted copy of a shot, or one of the scene's objects
+    repainted with a shot's pixels (same look, other form). Returns (image, mask)."""
     scene = generate_scene(rng, "train")
     image = scene.image.copy()
     occupied = np.asarray(scene.masks.any(0), dtype=bool)
     mask = np.zeros(image.shape[:2], bool)
     max_side = int(0.45 * IMAGE_SIZE)
     if rng.random() < (0.4 if present else 0.6):
-        fake = _transform(cuts[int(rng.integers(len(cuts)))], rng, max_side, rng.uniform(60, 300))
-        occupied |= _paste(image, fake, occupied, rng)
+        cut = cuts[int(rng.integers(len(cuts)))]
+        largest = int(scene.masks.reshape(len(scene.masks), -1).sum(1).argmax())
+        if rng.random() < 0.5 and scene.masks[largest].sum() > 50:
+            _reskin(image, scene.masks[largest], cut)
+        else:
+            fake = _transform(cut, rng, max_side, rng.uniform(60, 300))
+            occupied |= _paste(image, fake, occupied, rng)
     if present:
         cut = _transform(cuts[int(rng.integers(len(cuts)))], rng, max_side)
         mask = _paste(image, cut, occupied, rng)

@@ -4,7 +4,9 @@ Eval: novel concepts (shapes and textures absent from base training, see concept
 k in (1, 3, 5) shots from validation-split scenes, then held-out test-split scenes with the
 concept among distractors (often a look-alike: same shape in another colour, or same colour
 and texture in another shape) and scenes without it. Rows: the base model given only the
-concept's description, the PerSAM-style baseline, the LoRA adapter.
+concept's description, the PerSAM-style baseline, the LoRA concept (adapter + its verifier, what
+``--method lora`` serves) and, from the same adapters, ``lora_no_verifier`` (the adapter's own
+[SEG] masks only).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def evaluate_personal(
     root = Path(tempfile.mkdtemp(prefix="segapp-eval-personal-"))
     store = ConceptStore(root)
     seg = PersonalSegmenter(bundle, store)
-    rows: dict[str, dict[int, list[float]]] = {m: {k: [] for k in shots} for m in methods}
-    fp: dict[str, dict[int, list[bool]]] = {m: {k: [] for k in shots} for m in methods}
+    raw = PersonalSegmenter(bundle, store, verify=False)  # the adapter's own [SEG] masks
+    rows_of = [*methods, *(["lora_no_verifier"] if "lora" in methods else [])]
+    rows: dict[str, dict[int, list[float]]] = {m: {k: [] for k in shots} for m in rows_of}
+    fp: dict[str, dict[int, list[bool]]] = {m: {k: [] for k in shots} for m in rows_of}
     fit_s: dict[str, dict[int, list[float]]] = {m: {k: [] for k in shots} for m in methods}
     per_concept = []
     try:
@@ -115,6 +119,10 @@ def evaluate_personal(
                     fit_s[method][k].append(info.fit_seconds)
                     entry[f"{method}_{k}shot"] = round(float(np.mean(ious)), 4)
                     entry[f"{method}_{k}shot_fp"] = round(float(np.mean(fps)), 4)
+                    if method == "lora":
+                        ious, fps = score(raw, f"segment <{name}>", "eval", pos, neg)
+                        rows["lora_no_verifier"][k] += ious
+                        fp["lora_no_verifier"][k] += fps
             per_concept.append(entry)
             say(str(entry))
     finally:
@@ -127,10 +135,10 @@ def evaluate_personal(
         "negative_scenes_per_concept": negatives,
         "lora_steps": steps or FitConfig().steps,
         "miou": {
-            m: {f"{k}shot": round(float(np.mean(rows[m][k])), 4) for k in shots} for m in methods
+            m: {f"{k}shot": round(float(np.mean(rows[m][k])), 4) for k in shots} for m in rows_of
         },
         "false_positive_rate": {
-            m: {f"{k}shot": round(float(np.mean(fp[m][k])), 4) for k in shots} for m in methods
+            m: {f"{k}shot": round(float(np.mean(fp[m][k])), 4) for k in shots} for m in rows_of
         },
         "fit_seconds_median": {
             m: {f"{k}shot": round(statistics.median(fit_s[m][k]), 2) for k in shots}

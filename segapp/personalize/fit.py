@@ -1,11 +1,13 @@
 """fit_concept: a user's 1-5 shots -> a stored concept (peft LoRA adapter or PerSAM feature).
 
 LoRA fitting works on a private copy of the model (the served one is never touched): the
-shots are pasted into synthetic scenes (scale, flip, right-angle turns, colour jitter) with
-hue-shifted look-alikes as hard negatives and scenes without the object as negatives; the
+shots are pasted into synthetic scenes (scale, flip, rotation, colour jitter) with hard
+negatives (hue-shifted copies, other objects repainted with the shot's pixels) and scenes
+without the object as negatives; the
 frozen encoders run once over this pool; then the LLM's LoRA, the concept-token row, the
 [SEG] head's and the mask decoder's LoRA train on templated instructions with LISA's loss
-(text CE + BCE + Dice) plus the point-prompt anchor of base training.
+(text CE + BCE + Dice) plus the point-prompt anchor of base training. Last, the concept
+verifier (verify.py) is fitted on SAM's candidate masks over part of the same pool.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from segapp.personalize.store import (
     shot_hash,
     validate_slug,
 )
-from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
+from segapp.personalize.verify import Verifier, fit_verifier, scene_candidates
+from segapp.preprocess import THUMBNAIL_SIZE, mask_tensor, sam_tensor, sam_thumbnail, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 from segapp.train_losses import pointer_choice
 
@@ -66,9 +69,10 @@ NEGATIVE = "Sorry, I cannot find it."
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Schedule of one LoRA concept fit (defaults: a 5-shot tiny-model fit in < 60 s, 2 cores)."""
+    """Schedule of one LoRA concept fit (defaults: a 5-shot tiny-model fit, verifier included,
+    in < 60 s on 2 cores)."""
 
-    steps: int = _f(300, "optimisation steps")
+    steps: int = _f(200, "optimisation steps")
     positives: int = _f(120, "augmented scenes holding the object (the shots themselves added)")
     negatives: int = _f(80, "augmented scenes without it (half with hue-shifted look-alikes)")
     batch: int = _f(8, "conversations per step")
@@ -78,6 +82,9 @@ class FitConfig:
     mlp: bool = _f(False, "also a LoRA on the LLM's MLP projections")
     pointer_weight: float = _f(
         1.0, "weight of a fit-only head pointing each [SEG] at its target's image tokens"
+    )
+    verifier_scenes: int = _f(
+        72, "augmented scenes the concept verifier is fitted on (0: no verifier)"
     )
     seed: int = _f(0, "augmentation and sampling seed")
     color_init: bool = _f(
@@ -129,6 +136,8 @@ class Pool:
     points: torch.Tensor  # P x 2 deepest target point, SAM frame
     positive: torch.Tensor  # P bool
     cover: torch.Tensor  # P x N share of each LLM image token the target covers
+    thumbs: torch.Tensor  # P x 3 x T x T RGB of the SAM frame (verifier features)
+    input_sizes: list[tuple[int, int]]  # (h, w) of each image inside the SAM frame
 
 
 @torch.no_grad()
@@ -142,7 +151,8 @@ def build_pool(
     items += [augment(cuts, rng, present=False) for _ in range(fc.negatives)]
     cfg = bundle.config
     vis = torch.stack([vision_tensor(img, cfg.vision_image_size)[0] for img, _ in items])
-    sam = torch.stack([sam_tensor(img, cfg.sam_image_size)[0] for img, _ in items])
+    framed = [sam_tensor(img, cfg.sam_image_size) for img, _ in items]
+    sam = torch.stack([px for px, _ in framed])
     tokens, embs = [], []
     for i in range(0, len(items), 32):
         tokens.append(model.encode_vision(vis[i : i + 32].to(model.device)))
@@ -163,6 +173,8 @@ def build_pool(
         points=torch.tensor(points, dtype=torch.float32, device=dev),
         positive=torch.tensor([bool(m.any()) for _, m in items], device=dev),
         cover=torch.stack(covers).to(dev),
+        thumbs=torch.stack([sam_thumbnail(px) for px in sam]),
+        input_sizes=[size for _, size in framed],
     )
 
 
@@ -236,6 +248,7 @@ def _step_losses(
     return terms
 
 
+@torch.enable_grad()  # callers may run under no_grad (a server thread, a script)
 def fit_lora(
     bundle: Bundle,
     name: str,
@@ -293,7 +306,32 @@ def fit_lora(
             progress(0.1 + 0.85 * (step + 1) / fc.steps, f"step {step + 1}/{fc.steps}")
     model.eval()
     peft.save_pretrained(str(out))
-    return {"train_iou": round(float(np.mean(recent)) if recent else 0.0, 4)}
+    metrics = {"train_iou": round(float(np.mean(recent)) if recent else 0.0, 4)}
+    if fc.verifier_scenes:
+        progress(0.96, "fitting the concept verifier")
+        verifier = fit_pool_verifier(model, pool, fc.verifier_scenes)
+        verifier.save(out)
+        metrics["verifier_threshold"] = round(verifier.threshold, 4)
+    return metrics
+
+
+@torch.no_grad()
+def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
+    """The concept verifier (see verify.py) on up to ``scenes`` of the pool's augmented scenes
+    (the shots themselves included), with the fitted adapter's mask decoder."""
+    pick = np.linspace(0, len(pool.positive) - 1, min(scenes, len(pool.positive))).round()
+    found = []
+    for i in sorted({int(v) for v in pick}):
+        target = None
+        if bool(pool.positive[i]):
+            low = pool.masks[i][None, None].float().cpu()
+            target = F.interpolate(low, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")[0, 0] >= 0.5
+        found.append(
+            scene_candidates(
+                model, pool.thumbs[i], pool.sam[i : i + 1], pool.input_sizes[i], target
+            )
+        )
+    return fit_verifier(found)
 
 
 @torch.no_grad()

@@ -19,8 +19,10 @@ from segapp.errors import InputError
 from segapp.images import check_instruction
 from segapp.personalize.adapters import bank_for, concept_names, concept_prompt_ids
 from segapp.personalize.store import ConceptInfo, ConceptStore, validate_slug
+from segapp.personalize.verify import Verifier, choose
 from segapp.predictor import ImageCache, MaskResult, Result, Segmenter
 from segapp.preprocess import postprocess_logits
+from segapp.tokenizer import SEG_TOKEN
 
 NOT_FOUND = "Sorry, I cannot find {token}."
 
@@ -37,14 +39,18 @@ class PersonalSegmenter(Segmenter):
         user: str | None = None,
         max_loaded: int = 8,
         max_new_tokens: int = 48,
+        verify: bool = True,
     ) -> None:
         """``max_loaded`` bounds the adapters kept loaded on this model (shared by every
-        PersonalSegmenter over the same model; the first one sets it)."""
+        PersonalSegmenter over the same model; the first one sets it). ``verify=False`` keeps a
+        LoRA concept's own [SEG] masks even when it has a verifier (for ablations)."""
         super().__init__(bundle, max_new_tokens=max_new_tokens)
         self.store = store or ConceptStore()
         self.user = validate_slug(user, "user") if user is not None else None
         self.bank = bank_for(self.model, max_loaded=max_loaded)
         self.switch_s = 0.0  # time of the last adapter switch (load or set_adapter)
+        self.verify = verify
+        self._verifiers: dict[str, Verifier | None] = {}  # concept path@version -> verifier
 
     # ---- which concept an instruction needs ------------------------------------------------
     def concept_for(self, instruction: str, user: str | None = None) -> ConceptInfo | None:
@@ -129,11 +135,18 @@ class PersonalSegmenter(Segmenter):
             answer = self.bundle.chat.decode(
                 [i for i in gen.token_ids if i < len(self.bundle.tokenizer)]
             )
-            masks = self._masks(answer, gen, cache)
+            verifier = self._verifier(info) if self.verify else None
+            if verifier is None or cache.thumbnail is None:
+                masks = self._masks(answer, gen, cache)
+            else:
+                masks = self._verified(verifier, gen, cache, info)
+                if masks and SEG_TOKEN not in answer:
+                    answer = f"Sure, {info.token} {SEG_TOKEN}."
             t2 = time.perf_counter()
         for m in masks:
             m.label = info.name
-        answer = answer if masks or "[SEG]" in answer else NOT_FOUND.format(token=info.token)
+        if not masks and (verifier is not None or SEG_TOKEN not in answer):
+            answer = NOT_FOUND.format(token=info.token)
         timings = {
             "adapter_switch": t1 - t0,
             "llm_prefill": gen.prefill_s,
@@ -141,6 +154,37 @@ class PersonalSegmenter(Segmenter):
             "predict_total": t2 - t0,
         }
         return Result(text, answer, masks, timings)
+
+    def _verifier(self, info: ConceptInfo) -> Verifier | None:
+        key = f"{info.path}@{info.version}"
+        if key not in self._verifiers:
+            if len(self._verifiers) >= 64:
+                self._verifiers.pop(next(iter(self._verifiers)))
+            self._verifiers[key] = Verifier.load(Path(info.path))
+        return self._verifiers[key]
+
+    def _verified(
+        self, verifier: Verifier, gen, cache: ImageCache, info: ConceptInfo
+    ) -> list[MaskResult]:
+        """The candidate the concept's verifier picks (the adapter's [SEG] masks among SAM's
+        grid masks), or none when no candidate looks like the concept."""
+        own = None
+        if len(gen.seg_hidden):
+            own, _ = self.model.decode_masks(
+                cache.sam_embedding, self.model.generation_prompts(gen)
+            )
+        assert cache.thumbnail is not None
+        picked = choose(
+            verifier, self.model, cache.thumbnail, cache.sam_embedding, cache.sam_input_size, own
+        )
+        if picked is None:
+            return []
+        low, score = picked
+        logits = postprocess_logits(
+            low, cache.sam_input_size, cache.original_size, self.model.sam.image_encoder.img_size
+        )
+        mask = (logits[0] > 0).cpu().numpy()
+        return [MaskResult(info.name, score, mask)] if mask.any() else []
 
     def _predict_persam(self, cache: ImageCache, text: str, info: ConceptInfo) -> Result:
         from segapp.personalize.persam import load_persam, persam_logits

@@ -1,7 +1,7 @@
 """Concept store: ``<root>/<user>/<concept>/`` per fitted concept, written atomically.
 
-A concept directory holds what its method needs (peft ``save_pretrained`` files for "lora",
-``persam.safetensors`` for "persam") plus ``concept.json`` (a ConceptInfo). Saving writes a
+A concept directory holds what its method needs (peft ``save_pretrained`` files and
+``verifier.safetensors`` for "lora", ``persam.safetensors`` for "persam") plus ``concept.json`` (a ConceptInfo). Saving writes a
 temporary sibling directory and renames it into place; the previous version is moved aside
 first and removed last, and a lookup that finds only the moved-aside copy (a crash between the
 two renames) puts it back. So a crash at any point leaves either the old or the new version.

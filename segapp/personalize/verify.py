@@ -1,0 +1,302 @@
+"""Concept verifier: which candidate mask, if any, is the user's object.
+
+A LoRA concept's own ``[SEG]`` mask finds a novel object poorly on a small model (measured on
+the tiny one: it answers "Sure [SEG]" on every concept-free scene and often lands on a
+look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
+
+- **candidates**: SAM's masks from a grid of positive point prompts over the image (one
+  batched mask-decoder call on the cached embedding), de-duplicated, plus the adapter's own
+  ``[SEG]`` masks;
+- **features** of each candidate, pooled under its mask in the SAM frame at a fixed
+  ``FEATURE_SIZE``: *appearance* (a coarse colour histogram, Lab mean and spread, the SAM image
+  embedding averaged under the mask, mean-centred per image) and *form* (rotation- and
+  scale-invariant shape descriptors, relative area, and how much of the object's colours
+  continue in a thin ring just outside the mask, which tells a whole object from a piece of a
+  larger one);
+- **two logistic heads**, one per feature group, fitted on the candidates of the augmented
+  fitting scenes (positive: IoU >= 0.6 with the pasted object; negative: IoU <= 0.2; the
+  scenes hold recoloured copies and other objects wearing the object's pixels as hard
+  negatives). A candidate's score is the lower of the two heads: a look-alike must pass both
+  on colour and on form;
+- **a threshold** calibrated on held-out fitting scenes without the object (heads fitted on
+  the other half): the 90th percentile of their best candidate's score, at least 0.5.
+
+The best-scoring candidate is kept if it clears the threshold; otherwise the concept is not in
+the image. Everything is stored next to the adapter as ``verifier.safetensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from segapp.modeling.segllm import SegLLM
+from segapp.preprocess import THUMBNAIL_SIZE as FEATURE_SIZE
+
+FILE = "verifier.safetensors"
+GRID = 8  # point prompts per side
+POSITIVE_IOU, NEGATIVE_IOU = 0.6, 0.2
+HIST_LEVELS = 4  # per RGB channel: 64 colour bins
+MIN_AREA = 12  # candidate pixels at FEATURE_SIZE
+DUPLICATE_IOU = 0.8
+
+
+@torch.no_grad()
+def grid_candidates(
+    model: SegLLM, embedding: torch.Tensor, input_size: tuple[int, int], grid: int = GRID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's masks from ``grid`` x ``grid`` positive points over the image region of the SAM
+    frame: (low-res logits C x 1 x h x w, predicted IoU C)."""
+    ys = (torch.arange(grid, dtype=torch.float32) + 0.5) * input_size[0] / grid
+    xs = (torch.arange(grid, dtype=torch.float32) + 0.5) * input_size[1] / grid
+    points = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+    low, iou = model.decode_masks(embedding, model.point_token(points.to(model.device)))
+    return low.float(), iou[:, 0].float()
+
+
+def frame_masks(low: torch.Tensor) -> torch.Tensor:
+    """C x 1 x h x w low-res logits -> C x F x F bool masks in the SAM frame."""
+    up = F.interpolate(low.float().cpu(), (FEATURE_SIZE, FEATURE_SIZE), mode="bilinear")
+    return up[:, 0] > 0
+
+
+def distinct(masks: torch.Tensor, quality: torch.Tensor) -> list[int]:
+    """Indices of candidates worth scoring: not tiny, not most of the frame, and not a
+    near-duplicate (IoU > DUPLICATE_IOU) of a better one."""
+    flat = masks.flatten(1).float()
+    area = flat.sum(1)
+    inter = flat @ flat.T
+    union = area[:, None] + area[None, :] - inter
+    iou = inter / union.clamp(min=1)
+    keep: list[int] = []
+    for i in torch.argsort(quality, descending=True).tolist():
+        if not MIN_AREA <= area[i] <= 0.5 * FEATURE_SIZE**2:
+            continue
+        if keep and float(iou[i, keep].max()) > DUPLICATE_IOU:
+            continue
+        keep.append(i)
+    return keep
+
+
+def _colour_bins(thumb: torch.Tensor) -> torch.Tensor:
+    """F*F x 64 one-hot colour bin of every pixel."""
+    q = (thumb.flatten(1).T / 256 * HIST_LEVELS).long().clamp(0, HIST_LEVELS - 1)
+    index = (q[:, 0] * HIST_LEVELS + q[:, 1]) * HIST_LEVELS + q[:, 2]
+    return F.one_hot(index, HIST_LEVELS**3).float()
+
+
+def _form(mask: np.ndarray) -> list[float]:
+    """Solidity, rectangularity, aspect, circularity and two Hu invariants of the largest
+    outline (all unchanged by rotation and scale)."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return [0.0] * 6
+    outline = max(contours, key=cv2.contourArea)
+    area = max(cv2.contourArea(outline), 1.0)
+    hull = max(cv2.contourArea(cv2.convexHull(outline)), 1.0)
+    perimeter = max(cv2.arcLength(outline, True), 1.0)
+    w, h = (max(v, 1.0) for v in cv2.minAreaRect(outline)[1])
+    hu = cv2.HuMoments(cv2.moments(mask, True))[:2, 0]
+    logs = (-np.sign(hu) * np.log10(np.abs(hu) + 1e-12) / 10).tolist()
+    return [
+        area / hull,
+        area / (w * h),
+        min(w, h) / max(w, h),
+        4 * np.pi * area / perimeter**2,
+        *logs,
+    ]
+
+
+def mask_features(
+    thumb: torch.Tensor, embedding: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(appearance C x A, form C x B) features of C x F x F bool masks over one image.
+
+    thumb: 3 x F x F RGB (preprocess.sam_thumbnail); embedding: 1 x D x h x w SAM image embedding.
+    """
+    flat = masks.float().flatten(1)
+    area = flat.sum(1).clamp(min=1)
+    bins = _colour_bins(thumb)
+    hist = flat @ bins / area[:, None]
+    rgb = thumb.permute(1, 2, 0).numpy().astype(np.uint8)
+    lab = torch.from_numpy(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3)).float() / 255
+    lab_mean = flat @ lab / area[:, None]
+    lab_std = (flat @ lab**2 / area[:, None] - lab_mean**2).clamp(min=0).sqrt()
+    emb = embedding[0].float().cpu()
+    cells = emb.flatten(1).T
+    cells = cells - cells.mean(0, keepdim=True)  # the image's common component drowns objects
+    share = F.adaptive_avg_pool2d(masks.float()[:, None], (emb.shape[-2], emb.shape[-1]))
+    share = share.flatten(1)
+    pooled = F.normalize(share @ cells / share.sum(1, keepdim=True).clamp(min=1e-6), dim=1)
+    appearance = torch.cat([hist, lab_mean, lab_std, pooled], 1)
+    grown = F.max_pool2d(masks.float()[:, None], (1, 7), 1, (0, 3))  # a 7 x 7 dilation,
+    grown = F.max_pool2d(grown, (7, 1), 1, (3, 0))  # one axis at a time
+    ring = (grown[:, 0].flatten(1) - flat).clamp(min=0)
+    ring_hist = ring @ bins / ring.sum(1, keepdim=True).clamp(min=1)
+    continues = torch.minimum(hist, ring_hist).sum(1, keepdim=True)
+    shapes = torch.tensor(
+        [_form(m) for m in masks.numpy().astype(np.uint8)], dtype=torch.float32
+    ).reshape(-1, 6)
+    rel_area = torch.log(area / FEATURE_SIZE**2)[:, None] / 5
+    return appearance, torch.cat([shapes, rel_area, continues], 1)
+
+
+@dataclass
+class Head:
+    """Logistic regression over standardised features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(((x - self.mean) / self.std) @ self.weight + self.bias)
+
+
+def fit_head(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iterations: int = 300) -> Head:
+    """Class-balanced, L2-regularised logistic regression (L-BFGS)."""
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    z = (x - mean) / std
+    weight = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    balance = (y == 0).sum() / (y == 1).sum().clamp(min=1)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=iterations)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = z @ weight + bias
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=balance)
+        loss = loss + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return Head(mean, std, weight.detach(), bias.detach())
+
+
+@dataclass
+class Verifier:
+    appearance: Head
+    form: Head
+    threshold: float
+
+    def scores(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """C scores in 0..1: the lower of the two heads' probabilities."""
+        return torch.minimum(self.appearance.prob(features[0]), self.form.prob(features[1]))
+
+    def save(self, directory: Path) -> None:
+        tensors = {
+            f"{name}.{part}": getattr(getattr(self, name), part).contiguous()
+            for name in ("appearance", "form")
+            for part in ("mean", "std", "weight", "bias")
+        }
+        tensors["threshold"] = torch.tensor([self.threshold])
+        save_file(tensors, str(directory / FILE))
+
+    @classmethod
+    def load(cls, directory: Path) -> Verifier | None:
+        """The concept's verifier, or None for a concept fitted without one."""
+        path = directory / FILE
+        if not path.is_file():
+            return None
+        t = load_file(str(path))
+        heads = {
+            name: Head(*(t[f"{name}.{part}"] for part in ("mean", "std", "weight", "bias")))
+            for name in ("appearance", "form")
+        }
+        return cls(heads["appearance"], heads["form"], float(t["threshold"][0]))
+
+
+@dataclass
+class Scene:
+    """One fitting scene's candidates: features and IoU with the object (0 if absent)."""
+
+    features: tuple[torch.Tensor, torch.Tensor]
+    iou: torch.Tensor
+    present: bool
+
+
+@torch.no_grad()
+def scene_candidates(
+    model: SegLLM,
+    thumb: torch.Tensor,
+    embedding: torch.Tensor,
+    input_size: tuple[int, int],
+    target: torch.Tensor | None,
+) -> Scene:
+    """Grid candidates of one fitting scene (+ the true mask itself when present).
+
+    target: F x F bool object mask in the SAM frame, or None when the object is absent.
+    """
+    low, quality = grid_candidates(model, embedding, input_size)
+    masks = frame_masks(low)
+    masks = masks[distinct(masks, quality)]
+    if target is not None and target.any():
+        masks = torch.cat([masks, target[None]])
+        flat, goal = masks.flatten(1), target.flatten()[None]
+        iou = (flat & goal).sum(1) / (flat | goal).sum(1).clamp(min=1)
+    else:
+        iou = torch.zeros(len(masks))
+    return Scene(mask_features(thumb, embedding, masks), iou.float(), target is not None)
+
+
+def _labelled(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep = [(s.iou >= POSITIVE_IOU) | (s.iou <= NEGATIVE_IOU) for s in scenes]
+    a = torch.cat([s.features[0][k] for s, k in zip(scenes, keep, strict=True)])
+    b = torch.cat([s.features[1][k] for s, k in zip(scenes, keep, strict=True)])
+    y = torch.cat([(s.iou[k] >= POSITIVE_IOU).float() for s, k in zip(scenes, keep, strict=True)])
+    return a, b, y
+
+
+def _heads(scenes: list[Scene]) -> tuple[Head, Head]:
+    a, b, y = _labelled(scenes)
+    return fit_head(a, y), fit_head(b, y)
+
+
+def fit_verifier(scenes: list[Scene], quantile: float = 0.9) -> Verifier:
+    """Heads on every scene; the threshold from heads fitted on the even scenes, applied to
+    the odd scenes without the object (their best candidate's score)."""
+    appearance, form = _heads(scenes)
+    threshold = 0.5
+    held_out = [s for s in scenes[1::2] if not s.present and len(s.iou)]
+    if held_out and len(scenes) >= 4:
+        half = Verifier(*_heads(scenes[0::2]), threshold=0.5)
+        best = [float(half.scores(s.features).max()) for s in held_out]
+        threshold = max(0.5, float(np.quantile(best, quantile)))
+    return Verifier(appearance, form, min(threshold, 0.99))
+
+
+@torch.no_grad()
+def choose(
+    verifier: Verifier,
+    model: SegLLM,
+    thumb: torch.Tensor,
+    embedding: torch.Tensor,
+    input_size: tuple[int, int],
+    own: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float] | None:
+    """The verified object's low-res logits (1 x 1 x h x w) and score, or None.
+
+    own: the adapter's ``[SEG]`` low-res logits (M x 1 x h x w), scored with the grid's.
+    """
+    low, quality = grid_candidates(model, embedding, input_size)
+    if own is not None and len(own):
+        low = torch.cat([own.float(), low])
+        quality = torch.cat([torch.full((len(own),), 2.0), quality])  # kept when duplicated
+    masks = frame_masks(low)
+    keep = distinct(masks, quality)
+    if not keep:
+        return None
+    scores = verifier.scores(mask_features(thumb, embedding, masks[keep]))
+    best = int(scores.argmax())
+    if float(scores[best]) < verifier.threshold:
+        return None
+    return low[keep[best] : keep[best] + 1], float(scores[best])

@@ -1,0 +1,166 @@
+"""The concept verifier: its features' invariances, its fit and storage, and its wiring into a
+LoRA concept's predict (quality is `segapp eval personal`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segapp.build import load_model
+from segapp.personalize import ConceptStore, PersonalSegmenter, fit_concept
+from segapp.personalize.concepts import NOVEL_SHAPES, concept_scene, sample_concepts
+from segapp.personalize.fit import FitConfig
+from segapp.personalize.segmenter import NOT_FOUND
+from segapp.personalize.verify import (
+    FEATURE_SIZE,
+    FILE,
+    Scene,
+    Verifier,
+    distinct,
+    fit_verifier,
+    mask_features,
+)
+
+EMBEDDING = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _shape(name: str, center=(64.0, 64.0), radius=20.0, angle=0.0) -> np.ndarray:
+    t = np.deg2rad(angle)
+    rot = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    canvas = np.zeros((FEATURE_SIZE, FEATURE_SIZE), np.uint8)
+    for poly, value in NOVEL_SHAPES[name]:
+        pts = np.round((poly @ rot.T * radius + np.asarray(center)) * 16).astype(np.int32)
+        cv2.fillPoly(canvas, [pts], int(value), cv2.LINE_8, 4)
+    return canvas > 0
+
+
+def _paint(masks: list[np.ndarray], colours: list[tuple[int, int, int]]) -> torch.Tensor:
+    image = np.full((FEATURE_SIZE, FEATURE_SIZE, 3), 235, np.uint8)
+    for m, c in zip(masks, colours, strict=True):
+        image[m] = c
+    return torch.from_numpy(image).permute(2, 0, 1).float()
+
+
+def _features(thumb: torch.Tensor, masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return mask_features(thumb, EMBEDDING, torch.from_numpy(np.stack(masks)))
+
+
+def test_form_features_ignore_rotation_and_scale_but_not_shape():
+    arrow = _shape("arrow")
+    turned = _shape("arrow", radius=26.0, angle=130.0)
+    others = [_shape(name, angle=40.0) for name in ("tee", "pentagon", "bolt", "crescent")]
+    thumb = _paint([arrow], [(200, 30, 30)])
+    form = _features(thumb, [arrow, turned, *others])[1][:, :6]  # the invariant descriptors
+    same = float((form[0] - form[1]).abs().mean())
+    assert same < 0.04
+    for other in form[2:]:
+        assert float((form[0] - other).abs().mean()) > 1.5 * same
+
+
+def test_appearance_features_tell_colours_apart():
+    left, right = _shape("pentagon", (35, 64)), _shape("pentagon", (95, 64))
+    same = _paint([left, right], [(200, 30, 30), (200, 30, 30)])
+    differ = _paint([left, right], [(200, 30, 30), (30, 60, 200)])
+    hist_same = _features(same, [left, right])[0][:, :64]
+    hist_differ = _features(differ, [left, right])[0][:, :64]
+    assert float((hist_same[0] - hist_same[1]).abs().sum()) < 0.05
+    assert float((hist_differ[0] - hist_differ[1]).abs().sum()) > 1.5
+
+
+def test_ring_feature_tells_a_part_from_the_whole():
+    """The last form feature: how much of a mask's colours continue just outside it."""
+    whole = np.zeros((FEATURE_SIZE, FEATURE_SIZE), bool)
+    whole[40:80, 30:100] = True
+    part = whole.copy()
+    part[:, 65:] = False
+    thumb = _paint([whole], [(40, 165, 55)])
+    continues = _features(thumb, [whole, part])[1][:, -1]
+    assert float(continues[0]) < 0.05
+    assert float(continues[1]) > float(continues[0]) + 0.15
+
+
+def test_distinct_drops_specks_duplicates_and_background():
+    a = torch.zeros(FEATURE_SIZE, FEATURE_SIZE, dtype=torch.bool)
+    a[10:40, 10:40] = True
+    near = a.clone()
+    near[10:41, 10:40] = True  # IoU ~0.97 with a
+    speck = torch.zeros_like(a)
+    speck[100:102, 100:102] = True
+    everything = torch.ones_like(a)
+    b = torch.zeros_like(a)
+    b[60:90, 60:90] = True
+    masks = torch.stack([near, a, speck, everything, b])
+    quality = torch.tensor([0.5, 0.9, 1.0, 1.0, 0.1])
+    assert distinct(masks, quality) == [1, 4]
+
+
+def _scenes(rng: np.random.Generator, n: int) -> list[Scene]:
+    """Feature clouds: the object's candidates sit at +1 on the first features, others at 0."""
+    scenes = []
+    for i in range(n):
+        present = i % 2 == 0
+        a = torch.from_numpy(rng.normal(0, 0.3, (6, 5))).float()
+        b = torch.from_numpy(rng.normal(0, 0.3, (6, 3))).float()
+        iou = torch.zeros(6)
+        if present:
+            a[0, 0] += 1.0
+            b[0, 0] += 1.0
+            iou[0] = 0.9
+        scenes.append(Scene((a, b), iou, present))
+    return scenes
+
+
+def test_verifier_fits_separates_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    verifier = fit_verifier(_scenes(rng, 40))
+    assert 0.5 <= verifier.threshold < 1.0
+    test = _scenes(rng, 20)
+    best_on = [float(verifier.scores(s.features).max()) for s in test if s.present]
+    best_off = [float(verifier.scores(s.features).max()) for s in test if not s.present]
+    assert np.mean([p >= verifier.threshold for p in best_on]) >= 0.9
+    assert np.mean([p >= verifier.threshold for p in best_off]) <= 0.2
+    verifier.save(tmp_path)
+    again = Verifier.load(tmp_path)
+    assert again is not None and again.threshold == pytest.approx(verifier.threshold)
+    for s in test:
+        assert torch.equal(verifier.scores(s.features), again.scores(s.features))
+    assert Verifier.load(tmp_path / "elsewhere") is None  # a concept fitted without one
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    bundle = load_model("tiny")
+    store = ConceptStore(tmp_path_factory.mktemp("verify"))
+    c = sample_concepts(1)[0]
+    rng = np.random.default_rng(3)
+    shots = [concept_scene(c, rng, split="val") for _ in range(2)]
+    quick = FitConfig(steps=3, positives=6, negatives=4, batch=4)
+    info = fit_concept(
+        bundle, store, "dana", "kite", [s[0] for s in shots], [s[1] for s in shots], config=quick
+    )
+    return bundle, store, info, concept_scene(c, rng, split="test")
+
+
+def test_lora_concept_stores_a_verifier_and_it_decides(concept, monkeypatch):
+    bundle, store, info, (image, _) = concept
+    assert (Path(info.path) / FILE).is_file()
+    assert "verifier_threshold" in info.metrics
+    seg = PersonalSegmenter(bundle, store)
+    loaded = seg._verifier(info)
+    assert loaded is not None
+    monkeypatch.setattr(loaded, "threshold", 1.01)  # nothing can pass
+    none = seg.segment(image, "segment <kite>", user="dana")
+    assert none.masks == [] and none.answer == NOT_FOUND.format(token="<kite>")
+    monkeypatch.setattr(loaded, "threshold", 0.0)  # the best candidate always passes
+    one = seg.segment(image, "segment <kite>", user="dana")
+    assert len(one.masks) == 1 and one.masks[0].label == "kite"
+    assert one.masks[0].mask.shape == image.shape[:2] and one.masks[0].mask.any()
+    assert "[SEG]" in one.answer
+    raw = PersonalSegmenter(bundle, store, verify=False).segment(
+        image, "segment <kite>", user="dana"
+    )
+    assert all(m.label == "kite" for m in raw.masks)  # the adapter's own masks, unverified
