@@ -189,12 +189,15 @@ class Segmenter:
             )
         return text, ids
 
+    def _seg_logits(self, gen: Generation, cache: ImageCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (M x 1 x h x w) and predicted IoU (M x 1), one per `[SEG]`."""
+        return self.model.decode_masks(cache.sam_embedding, self.model.generation_prompts(gen))
+
     def _masks(self, answer: str, gen: Generation, cache: ImageCache) -> list[MaskResult]:
         """One mask per `[SEG]` hidden state, at the original image size."""
         if not len(gen.seg_hidden):
             return []
-        prompts = self.model.generation_prompts(gen)
-        low, iou = self.model.decode_masks(cache.sam_embedding, prompts)
+        low, iou = self._seg_logits(gen, cache)
         logits = postprocess_logits(
             low,
             cache.sam_input_size,

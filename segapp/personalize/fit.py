@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from segapp.build import Bundle
 from segapp.config import _f
-from segapp.data.batches import deepest_point, pad_rows, patch_cover
+from segapp.data.batches import pad_rows
 from segapp.errors import InputError
 from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
 from segapp.modeling.pointer import SegPointer
@@ -37,7 +37,7 @@ from segapp.personalize.adapters import (
     new_training_adapter,
     trainable_parameters,
 )
-from segapp.personalize.concepts import augment, cutout
+from segapp.personalize.pool import Pool, build_pool, fit_pool_verifier
 from segapp.personalize.store import (
     METHODS,
     ConceptInfo,
@@ -45,8 +45,6 @@ from segapp.personalize.store import (
     shot_hash,
     validate_slug,
 )
-from segapp.personalize.verify import Verifier, fit_verifier, scene_candidates
-from segapp.preprocess import THUMBNAIL_SIZE, mask_tensor, sam_tensor, sam_thumbnail, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 from segapp.train_losses import pointer_choice
 
@@ -124,58 +122,6 @@ def check_shots(images: Sequence[Any], masks: Sequence[Any]) -> list[tuple[np.nd
             raise InputError("mask is empty: it must cover the object", where)
         shots.append((np.ascontiguousarray(img), m))
     return shots
-
-
-@dataclass
-class Pool:
-    """Fitting examples with their frozen encodings."""
-
-    tokens: torch.Tensor  # P x N x H vision tokens
-    sam: torch.Tensor  # P x D x h x w SAM embeddings
-    masks: torch.Tensor  # P x S x S targets in the SAM frame (zeros for negatives)
-    points: torch.Tensor  # P x 2 deepest target point, SAM frame
-    positive: torch.Tensor  # P bool
-    cover: torch.Tensor  # P x N share of each LLM image token the target covers
-    thumbs: torch.Tensor  # P x 3 x T x T RGB of the SAM frame (verifier features)
-    input_sizes: list[tuple[int, int]]  # (h, w) of each image inside the SAM frame
-
-
-@torch.no_grad()
-def build_pool(
-    model: SegLLM, bundle: Bundle, shots: list[tuple[np.ndarray, np.ndarray]], fc: FitConfig
-) -> Pool:
-    rng = np.random.default_rng([23, fc.seed])
-    cuts = [cutout(img, m) for img, m in shots]
-    items = list(shots)
-    items += [augment(cuts, rng, present=True) for _ in range(fc.positives)]
-    items += [augment(cuts, rng, present=False) for _ in range(fc.negatives)]
-    cfg = bundle.config
-    vis = torch.stack([vision_tensor(img, cfg.vision_image_size)[0] for img, _ in items])
-    framed = [sam_tensor(img, cfg.sam_image_size) for img, _ in items]
-    sam = torch.stack([px for px, _ in framed])
-    tokens, embs = [], []
-    for i in range(0, len(items), 32):
-        tokens.append(model.encode_vision(vis[i : i + 32].to(model.device)))
-        embs.append(model.encode_sam(sam[i : i + 32].to(model.device)))
-    points, masks, covers = [], [], []
-    grid = cfg.vision_image_size // cfg.vision_patch // cfg.vision_merge
-    for img, m in items:
-        covers.append(patch_cover(m[None], grid)[0])
-        scale = cfg.sam_image_size / max(img.shape[:2])
-        x, y = deepest_point(m) if m.any() else (0.0, 0.0)
-        points.append((x * scale, y * scale))
-        masks.append(mask_tensor(m[None], cfg.sam_image_size)[0])
-    dev = model.device
-    return Pool(
-        tokens=torch.cat(tokens),
-        sam=torch.cat(embs),
-        masks=torch.stack(masks).to(dev),
-        points=torch.tensor(points, dtype=torch.float32, device=dev),
-        positive=torch.tensor([bool(m.any()) for _, m in items], device=dev),
-        cover=torch.stack(covers).to(dev),
-        thumbs=torch.stack([sam_thumbnail(px) for px in sam]),
-        input_sizes=[size for _, size in framed],
-    )
 
 
 def _rows(
@@ -264,7 +210,9 @@ def fit_lora(
     if fc.color_init:
         _init_concept_row(model, bundle, shots)
     progress(0.02, "making training scenes")
-    pool = build_pool(model, bundle, shots, fc)
+    pool = build_pool(
+        model, bundle, shots, positives=fc.positives, negatives=fc.negatives, seed=fc.seed
+    )
     # the model's own [SEG] pointer stays frozen (the LoRA learns to aim it); a model without
     # one gets a fit-only pointer, for the "which object" signal
     pointer = model.seg_pointer
@@ -313,25 +261,6 @@ def fit_lora(
         verifier.save(out)
         metrics["verifier_threshold"] = round(verifier.threshold, 4)
     return metrics
-
-
-@torch.no_grad()
-def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
-    """The concept verifier (see verify.py) on up to ``scenes`` of the pool's augmented scenes
-    (the shots themselves included), with the fitted adapter's mask decoder."""
-    pick = np.linspace(0, len(pool.positive) - 1, min(scenes, len(pool.positive))).round()
-    found = []
-    for i in sorted({int(v) for v in pick}):
-        target = None
-        if bool(pool.positive[i]):
-            low = pool.masks[i][None, None].float().cpu()
-            target = F.interpolate(low, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")[0, 0] >= 0.5
-        found.append(
-            scene_candidates(
-                model, pool.thumbs[i], pool.sam[i : i + 1], pool.input_sizes[i], target
-            )
-        )
-    return fit_verifier(found)
 
 
 @torch.no_grad()

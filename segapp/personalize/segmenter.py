@@ -17,6 +17,7 @@ import torch
 from segapp.build import Bundle
 from segapp.errors import InputError
 from segapp.images import check_instruction
+from segapp.modeling.segllm import Generation
 from segapp.personalize.adapters import bank_for, concept_names, concept_prompt_ids
 from segapp.personalize.store import ConceptInfo, ConceptStore, validate_slug
 from segapp.personalize.verify import Verifier, choose
@@ -164,15 +165,11 @@ class PersonalSegmenter(Segmenter):
         return self._verifiers[key]
 
     def _verified(
-        self, verifier: Verifier, gen, cache: ImageCache, info: ConceptInfo
+        self, verifier: Verifier, gen: Generation, cache: ImageCache, info: ConceptInfo
     ) -> list[MaskResult]:
         """The candidate the concept's verifier picks (the adapter's [SEG] masks among SAM's
         grid masks), or none when no candidate looks like the concept."""
-        own = None
-        if len(gen.seg_hidden):
-            own, _ = self.model.decode_masks(
-                cache.sam_embedding, self.model.generation_prompts(gen)
-            )
+        own = self._seg_logits(gen, cache)[0] if len(gen.seg_hidden) else None
         assert cache.thumbnail is not None
         picked = choose(
             verifier, self.model, cache.thumbnail, cache.sam_embedding, cache.sam_input_size, own
