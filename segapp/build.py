@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from segapp.config import CHECKPOINT_PRESETS, MODEL_PRESETS, ModelConfig
+from segapp.config import CHECKPOINT_PRESETS, MODEL_PRESETS, SEGAPP_FORMATS, ModelConfig
 from segapp.errors import ModelError
 from segapp.modeling.builders import (
     build_image_pos,
@@ -100,7 +100,7 @@ def save_bundle(
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json.tmp").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     os.replace(out / "config.json.tmp", out / "config.json")
-    if cfg.chat_format == "segapp":
+    if cfg.chat_format in SEGAPP_FORMATS:
         tokenizer.backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
         os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
         return
@@ -120,7 +120,7 @@ def load_bundle(directory: Path, *, device: str | torch.device = "cpu") -> Bundl
         cfg = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelError(f"unreadable config.json: {exc}", str(directory)) from None
-    if cfg.chat_format == "segapp":
+    if cfg.chat_format in SEGAPP_FORMATS:
         tokenizer = load_tokenizer(directory)
     else:  # saved from a checkpoint's own tokenizer (see save_bundle)
         from segapp.checkpoints.lisa import load_hf_tokenizer

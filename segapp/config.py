@@ -71,7 +71,9 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, "LLM rotary embedding base")
     tie_embeddings: bool = _f(True, "LM head shares the input embedding matrix")
     chat_format: str = _f(
-        "segapp", "prompt template: 'segapp' (tiny), 'llava_v1' or 'llava_llama_2' (LISA / LLaVA)"
+        "segapp",
+        "prompt template: 'segapp' (image, then instruction), 'segapp_text_first' (instruction, "
+        "then image), 'llava_v1' or 'llava_llama_2' (LISA / LLaVA)",
     )
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -96,6 +98,9 @@ class ModelConfig:
             raise ModelError(f"unknown model config fields {unknown}", "config.json")
         return cls(**data)
 
+
+# chat formats of segapp's own models (its own word-level tokenizer.json)
+SEGAPP_FORMATS = ("segapp", "segapp_text_first")
 
 # fields added after the first tiny model; written to config.json only when not at the default
 CHECKPOINT_ONLY_FIELDS = (

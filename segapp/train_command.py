@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from segapp.config import SEGAPP_FORMATS
 from segapp.errors import InputError
 
 # what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:
@@ -52,9 +53,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             lora_r = 8
     elif args.train or args.lora_r:
         raise InputError("--train and --lora-r apply to --init-from", "--train")
+    model_cfg = MODEL_PRESETS[args.preset or "tiny"]
+    if args.chat_format:
+        if args.init_from:
+            raise InputError(
+                "--chat-format applies to a model built from scratch; a loaded model keeps the "
+                "format it was trained with",
+                "--chat-format",
+            )
+        model_cfg = model_cfg.replace(chat_format=args.chat_format)
     last = train(
         Path(args.out),
-        model_cfg=MODEL_PRESETS[args.preset or "tiny"],
+        model_cfg=model_cfg,
         train_cfg=tcfg,
         resume=not args.no_resume,
         device=device,
@@ -76,6 +86,12 @@ def add_train_command(sub: Any) -> None:
         "whose [SEG] head is trained here). The result is a segapp weights directory (--out).",
     )
     t.add_argument("--preset", choices=["tiny"], help="model to build from scratch (tiny)")
+    t.add_argument(
+        "--chat-format",
+        choices=list(SEGAPP_FORMATS),
+        help="prompt template of a model built from scratch (default: the preset's); "
+        "segapp_text_first puts the instruction before the image tokens",
+    )
     t.add_argument(
         "--init-from",
         metavar="MODEL",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from segapp.data.instructions import generate_sample
-from segapp.tokenizer import IMAGE_TOKEN, SEG_TOKEN, ChatFormat
+from segapp.errors import ModelError
+from segapp.tokenizer import IMAGE_TOKEN, SEG_TOKEN, ChatFormat, chat_format_for
 
 N_IMAGE = 64
 
@@ -60,3 +61,22 @@ def test_answer_without_seg(chat: ChatFormat) -> None:
     ids = chat.answer_ids(answer)
     assert chat.seg_id not in ids
     assert chat.decode(ids).lower() == answer.lower()  # eos dropped by decode
+
+
+def test_text_first_format_puts_the_instruction_before_the_image(tokenizer) -> None:
+    image_first = chat_format_for("segapp", tokenizer, N_IMAGE)
+    text_first = chat_format_for("segapp_text_first", tokenizer, N_IMAGE)
+    instruction = "Segment the red circle."
+    words = tokenizer(" " + instruction, add_special_tokens=False)["input_ids"]
+    for chat, before in ((image_first, False), (text_first, True)):
+        ids = chat.prompt_ids(instruction)
+        assert ids.count(chat.image_id) == N_IMAGE
+        first_slot = ids.index(chat.image_id)
+        instruction_at = next(i for i in range(len(ids)) if ids[i : i + len(words)] == words)
+        assert (instruction_at < first_slot) is before
+    assert len(text_first.prompt_ids(instruction)) == len(image_first.prompt_ids(instruction))
+
+
+def test_unknown_chat_format_names_the_choices(tokenizer) -> None:
+    with pytest.raises(ModelError, match="segapp_text_first"):
+        chat_format_for("segapp_upside_down", tokenizer, N_IMAGE)
