@@ -229,8 +229,6 @@ def test_merged_equals_unmerged_at_k0(bundle, clip_dir) -> None:
     a = seg.reason(tokens, "the shape that moves fastest", merge=None)
     b = seg.reason(tokens, "the shape that moves fastest", merge=0.0)
     assert a.answer == b.answer and torch.equal(a.prompts, b.prompts)
-    if a.points is not None:  # the pointer reads the same tokens: the same patches
-        assert b.points is not None and torch.equal(a.points.patches, b.points.patches)
     assert a.stats["visual_tokens_kept"] == b.stats["visual_tokens_kept"] == 4 * 64
     for (_, _, ma, sa), (_, _, mb, sb) in zip(
         seg.iter_masks(clip_dir, a), seg.iter_masks(clip_dir, b), strict=True
@@ -327,41 +325,5 @@ def test_video_training_sample_gives_finite_losses_and_gradients(random_model_di
     terms = video_losses(b.model, sample, b.chat, b.config, TrainConfig())
     terms["video_total"].backward()
     assert torch.isfinite(terms["video_total"])
-    assert b.model.seg_pointer is not None and "video_pointer" in terms  # the target is visible
-    assert b.model.seg_pointer.q.weight.grad.abs().sum() > 0
     grad = b.model.projector[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
-
-
-# ---- the [SEG] pointer on video frames --------------------------------------------------
-def _pointer_model():
-    from types import SimpleNamespace
-
-    from segapp.modeling.pointer import SegPointer
-
-    pointer = SegPointer(3, 3)
-    with torch.no_grad():
-        for lin in (pointer.q, pointer.k):
-            lin.weight.copy_(torch.eye(3))
-            lin.bias.zero_()
-    return SimpleNamespace(seg_pointer=pointer)
-
-
-def test_frame_points_read_merged_patches_from_the_frame_before() -> None:
-    from segapp.video.pointing import frame_points
-    from segapp.video.training import _frame_sources
-
-    model = _pointer_model()
-    seg = torch.tensor([[1.0, 0.0, 0.0]])  # score of a token = its first coordinate / sqrt(3)
-    # frame 0 keeps patches 0, 1, 2 (scores 0, 5, 1); frame 1 keeps only patch 2
-    flat = torch.tensor([0, 1, 2, 3 + 2])
-    for late, expected in ((3.0, 1), (9.0, 2)):
-        tokens = torch.tensor([[0.0, 0, 0], [5, 0, 0], [1, 0, 0], [late, 0, 0]])
-        points = frame_points(model, seg, tokens, flat, 3, (2, 6))  # type: ignore[arg-type]
-        assert points is not None
-        assert points.patches.tolist() == [[1, expected]]  # frame 1's patch 1 is frame 0's
-    # training reads the same tokens: (frame, patch) -> token row
-    index = torch.stack([flat // 3, flat % 3], 1)
-    assert _frame_sources(index, 2, 3).tolist() == [[0, 1, 2], [0, 1, 3]]
-    assert [points.nearest(i) for i in (0, 4, 5, 9)] == [0, 0, 1, 1]  # ties go earlier
-    assert frame_points(model, seg[:0], tokens, flat, 3, (2, 6)) is None  # type: ignore[arg-type]

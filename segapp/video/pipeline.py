@@ -33,7 +33,6 @@ from segapp.modeling.reduction import KVPrune, reduced_generate
 from segapp.predictor import mask_labels
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, VideoWriter, iter_frames, probe_video
-from segapp.video.pointing import FramePoints, frame_points, frame_prompts
 from segapp.video.sampling import FrameSample, sample_frames
 from segapp.video.ttm import keep_count, temporal_token_merge
 
@@ -54,10 +53,6 @@ class VideoOptions:
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder call"})
     overlay_max_side: int = field(default=1280, metadata={"help": "overlay video size limit"})
     max_pixels: int = field(default=MAX_FRAME_PIXELS, metadata={"help": "largest frame"})
-    point: bool = field(
-        default=True,
-        metadata={"help": "add SAM a point where the [SEG] pointer points (nearest dense frame)"},
-    )
 
 
 @dataclass
@@ -89,7 +84,6 @@ class VideoAnswer:
     prompts: torch.Tensor  # M x 1 x D sparse prompt embeddings
     labels: list[str]
     stats: dict[str, Any]
-    points: FramePoints | None = None  # where each [SEG] points per dense frame (if it can)
 
 
 @dataclass
@@ -224,23 +218,13 @@ class VideoSegmenter:
             kv_prune=kv,
         )
         answer = chat.decode(gen.token_ids)
-        # One-Token-Seg-All: the same [SEG] prompt on every frame, plus (with a pointer) a point
-        # where it points in the dense frame nearest each decoded frame
+        # One-Token-Seg-All: the [SEG] prompt alone goes to every frame (a pointer's point is
+        # a location in one frame, wrong once the object moves), so no image hidden states here
         prompts = (
             self.model.seg_prompts(gen.seg_hidden)
             if len(gen.seg_hidden)
             else gen.seg_hidden.new_zeros(0, 1, self.bundle.config.prompt_dim)
         )
-        points = None
-        if self.options.point and gen.image_hidden is not None:
-            points = frame_points(
-                self.model,
-                gen.seg_hidden,
-                gen.image_hidden[s:],
-                offsets[s:] - s,
-                n,
-                frames.sample.dense,
-            )
         stats = {
             "merge": merge,
             "prune": prune,
@@ -256,8 +240,7 @@ class VideoSegmenter:
             "kv_refreshes": gen.kv_refreshes,
             "kv_cache_bytes": gen.kv_cache_bytes,
         }
-        labels = mask_labels(answer, len(prompts))
-        return VideoAnswer(text, answer, prompts, labels, stats, points)
+        return VideoAnswer(text, answer, prompts, mask_labels(answer, len(prompts)), stats)
 
     # ---- pass 2: every frame through SAM -----------------------------------------------------
     @torch.inference_mode()
@@ -294,10 +277,7 @@ class VideoSegmenter:
         if not len(answer.prompts):
             return np.zeros((0, h, w), bool), []
         size = self.model.sam.image_encoder.img_size
-        prompts = answer.prompts
-        if answer.points is not None:
-            prompts = frame_prompts(self.model, prompts, answer.points, frame.index)
-        low, iou = self.model.decode_masks(frame.embedding, prompts)
+        low, iou = self.model.decode_masks(frame.embedding, answer.prompts)
         logits = postprocess_logits(low, frame.input_size, (h, w), size)
         return (logits > 0).cpu().numpy(), iou[:, 0].float().clamp(0, 1).cpu().tolist()
 
