@@ -146,6 +146,9 @@ class TrainConfig:
         "trains on video (video prompts every frame with [SEG] alone)",
     )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
+    target_weight: float = _f(
+        0.0, "BCE of a training-only head marking the image tokens on a query's targets"
+    )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
     video_fraction: float = _f(

@@ -26,7 +26,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     tcfg = TrainConfig()
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "sam_warmup_steps", "lr", "threads", "workers", "seed", "video_fraction")
+        for k in (
+            "steps",
+            "sam_warmup_steps",
+            "lr",
+            "threads",
+            "workers",
+            "seed",
+            "video_fraction",
+            "target_weight",
+        )
     }
     if args.init_from and args.sam_warmup_steps is None:
         changes["sam_warmup_steps"] = 0  # a loaded SAM is already trained
@@ -46,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         options = replace(load_options(args), new_head=True)
         bundle = load_model(args.init_from, device=device, options=options)
-        published = bundle.config.chat_format != "segapp"
+        published = bundle.config.chat_format not in SEGAPP_FORMATS
         train_text = args.train or (CHECKPOINT_TRAINABLE if published else "")
         trainable = [t.strip() for t in train_text.split(",") if t.strip()] or None
         if args.lora_r is None and published:
@@ -126,6 +135,12 @@ def add_train_command(sub: Any) -> None:
         "--video-fraction",
         type=float,
         help="share of joint steps that also train on a synthetic video clip (default 0)",
+    )
+    t.add_argument(
+        "--target-weight",
+        type=float,
+        help="weight of a training-only loss marking the image tokens on each query's targets "
+        "(default 0)",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)

@@ -79,6 +79,24 @@ class AuxHeads(torch.nn.Module):
         super().__init__()
         self.probe = ObjectProbe(cfg.vision_hidden)
         self.pointer = SegPointer(cfg.llm_hidden, 64)
+        self.target = torch.nn.Linear(cfg.llm_hidden, 1)  # see target_loss
+
+
+def target_loss(
+    head: torch.nn.Module, image_hidden: torch.Tensor, batch: TrainBatch
+) -> torch.Tensor:
+    """BCE of a training-only head saying, for every image token of every query, whether the
+    token lies on one of the query's targets (all tokens are negatives for a no-target
+    query). Unlike the pointer's softmax, which only ranks tokens, this asks for an absolute
+    "this matches the instruction", which the answer's first token needs to say there is none.
+
+    image_hidden: Q x N x H last-layer hidden states of the image tokens.
+    """
+    cover = image_hidden.new_zeros(image_hidden.shape[:2])
+    if len(batch.seg_query):
+        cover = cover.index_add(0, batch.seg_query, batch.seg_cover.to(cover.dtype))
+    logits = head(image_hidden)[..., 0]
+    return F.binary_cross_entropy_with_logits(logits, (cover >= 0.5).to(logits.dtype))
 
 
 def pointer_choice(
@@ -139,9 +157,13 @@ def forward_losses(
         raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")
     terms["ce"] = ce
     total = 0.5 * sam_total + w.probe_weight * probe_loss + w.ce_weight * ce
+    slots = batch.input_ids == model.image_token_id
+    all_image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
+    if w.target_weight:
+        terms["target"] = target_loss(aux.target, all_image_hidden, batch)
+        total = total + w.target_weight * terms["target"]
     if hidden.shape[0]:
-        slots = batch.input_ids == model.image_token_id
-        image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])[batch.seg_query]
+        image_hidden = all_image_hidden[batch.seg_query]
         own = model.seg_pointer
         scores = (own or aux.pointer).scores(hidden, image_hidden)
         pointer = SegPointer.loss(scores, batch.seg_cover)

@@ -91,3 +91,47 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (out / "tokenizer.json").read_bytes() == tokenizer_before
     assert load_bundle(out).config == TINY
+
+
+def test_target_loss_marks_target_tokens_and_no_target_queries_are_all_negative() -> None:
+    from types import SimpleNamespace
+
+    from segapp.train_losses import target_loss
+
+    head = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.bias.zero_()
+    # query 0 has one target covering token 0 (and a sliver of token 1); query 1 has none
+    batch = SimpleNamespace(seg_query=torch.tensor([0]), seg_cover=torch.tensor([[0.9, 0.1, 0.0]]))
+    right = torch.tensor([[[10.0, 0], [-10, 0], [-10, 0]], [[-10, 0], [-10, 0], [-10, 0]]])
+    assert float(target_loss(head, right, batch)) < 1e-3  # type: ignore[arg-type]
+    wrong = right.clone()
+    wrong[1, 2, 0] = 10.0  # a token of the no-target query claims to match
+    assert float(target_loss(head, wrong, batch)) > 1.0  # type: ignore[arg-type]
+
+
+def test_text_first_model_trains_further_as_segapp_weights(
+    tokenizer, tmp_path: Path, capsys
+) -> None:
+    from segapp.build import build_segllm, save_bundle
+    from segapp.cli import run
+
+    cfg = TINY.replace(chat_format="segapp_text_first")
+    torch.manual_seed(0)
+    save_bundle(build_segllm(cfg, tokenizer), tokenizer, cfg, tmp_path / "start")
+    out = tmp_path / "more"
+    common = ["--steps", "2", "--workers", "0", "--threads", str(THREADS), "--out", str(out)]
+    # segapp weights in either of segapp's formats train whole (no LoRA, no prefix list)
+    assert run(["train", "--init-from", str(tmp_path / "start"), *common]) == 0
+    capsys.readouterr()
+    bundle = load_bundle(out)
+    assert bundle.config.chat_format == "segapp_text_first" and bundle.chat.text_first
+    start = load_bundle(tmp_path / "start").model.state_dict()
+    moved = [k for k, v in bundle.model.state_dict().items() if not torch.equal(v, start[k])]
+    assert any(k.startswith("llm.model.layers.") for k in moved)
+    assert not any("lora" in k for k in bundle.model.state_dict())
+    # the format belongs to the model: a loaded one cannot be given another
+    again = ["train", "--init-from", str(out), "--chat-format", "segapp", *common]
+    assert run(again) == 2
+    assert "--chat-format" in capsys.readouterr().err
