@@ -105,10 +105,10 @@ def test_target_loss_marks_target_tokens_and_no_target_queries_are_all_negative(
     # query 0 has one target covering token 0 (and a sliver of token 1); query 1 has none
     batch = SimpleNamespace(seg_query=torch.tensor([0]), seg_cover=torch.tensor([[0.9, 0.1, 0.0]]))
     right = torch.tensor([[[10.0, 0], [-10, 0], [-10, 0]], [[-10, 0], [-10, 0], [-10, 0]]])
-    assert float(target_loss(head, right, batch)) < 1e-3  # type: ignore[arg-type]
+    assert float(target_loss(head, right, batch).detach()) < 1e-3  # type: ignore[arg-type]
     wrong = right.clone()
     wrong[1, 2, 0] = 10.0  # a token of the no-target query claims to match
-    assert float(target_loss(head, wrong, batch)) > 1.0  # type: ignore[arg-type]
+    assert float(target_loss(head, wrong, batch).detach()) > 1.0  # type: ignore[arg-type]
 
 
 def test_text_first_model_trains_further_as_segapp_weights(
