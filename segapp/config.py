@@ -99,7 +99,7 @@ class ModelConfig:
         return cls(**data)
 
 
-# chat formats of segapp's own models (its own word-level tokenizer.json)
+# chat formats of segapp's own models (its own byte-level BPE tokenizer.json)
 SEGAPP_FORMATS = ("segapp", "segapp_text_first")
 
 # fields added after the first tiny model; written to config.json only when not at the default

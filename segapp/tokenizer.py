@@ -71,7 +71,7 @@ class ChatFormat:
 
     With `text_first` the instruction comes before the image slots (`segapp_text_first`): under
     causal attention every image token then sees the instruction, so the image tokens themselves
-    can carry "is this the target?" to the [SEG] pointer (tiny models learn referring far faster).
+    can carry "is this the target?" to the [SEG] pointer.
     """
 
     tokenizer: PreTrainedTokenizerFast
