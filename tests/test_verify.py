@@ -18,6 +18,7 @@ from segapp.personalize.segmenter import NOT_FOUND
 from segapp.personalize.verify import (
     FEATURE_SIZE,
     FILE,
+    Reference,
     Scene,
     Verifier,
     distinct,
@@ -83,6 +84,29 @@ def test_ring_feature_tells_a_part_from_the_whole():
     assert float(continues[1]) > float(continues[0]) + 0.15
 
 
+def test_reference_matches_the_shots_silhouette_turned_scaled_or_mirrored():
+    shots = [_shape("arrow"), _shape("arrow", radius=16.0, angle=70.0)]
+    thumb = _paint(shots[:1], [(200, 30, 30)])
+    forms = _features(thumb, shots)[1]
+    reference = Reference(torch.from_numpy(np.stack(shots)), forms)
+    same = [
+        _shape("arrow", center=(50.0, 70.0), radius=24.0, angle=200.0),
+        np.ascontiguousarray(_shape("arrow", angle=35.0)[:, ::-1]),  # mirrored
+    ]
+    others = [_shape(name, radius=22.0, angle=15.0) for name in ("tee", "bolt", "crescent")]
+    candidates = [*same, *others]
+    raw = _features(thumb, candidates)[1]
+    compared = reference.compare(raw, torch.from_numpy(np.stack(candidates)))
+    assert compared.shape == (len(candidates), raw.shape[1] + 1)
+    match = compared[:, -1]
+    assert float(match[: len(same)].min()) > 0.85
+    assert float(match[len(same) :].max()) < float(match[: len(same)].min()) - 0.1
+    # the shots themselves: no distance to the nearest shot, a perfect match
+    own = reference.compare(forms, torch.from_numpy(np.stack(shots)))
+    assert float(own[:, :-1].abs().max()) == 0.0
+    assert float(own[:, -1].min()) > 0.95
+
+
 def test_distinct_drops_specks_duplicates_and_background():
     a = torch.zeros(FEATURE_SIZE, FEATURE_SIZE, dtype=torch.bool)
     a[10:40, 10:40] = True
@@ -131,6 +155,24 @@ def test_verifier_fits_separates_and_round_trips(tmp_path):
     assert Verifier.load(tmp_path / "elsewhere") is None  # a concept fitted without one
 
 
+def test_verifier_reference_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    shots = torch.from_numpy(np.stack([_shape("tee"), _shape("tee", angle=50.0)]))
+    reference = Reference(shots, torch.from_numpy(rng.normal(0, 1, (2, 3))).float())
+    scenes = _scenes(rng, 12)
+    verifier = fit_verifier(scenes, reference)
+    verifier.save(tmp_path)
+    again = Verifier.load(tmp_path)
+    assert again is not None and again.reference is not None
+    assert torch.equal(again.reference.masks, shots)
+    assert torch.equal(again.reference.templates, reference.templates)
+    candidates = torch.from_numpy(np.stack([_shape("tee", angle=10.0), _shape("bolt")]))
+    form = torch.zeros(2, 3)
+    assert torch.equal(
+        reference.compare(form, candidates), again.reference.compare(form, candidates)
+    )
+
+
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory):
     bundle = load_model("tiny")
@@ -152,6 +194,7 @@ def test_lora_concept_stores_a_verifier_and_it_decides(concept, monkeypatch):
     seg = PersonalSegmenter(bundle, store)
     loaded = seg._verifier(info)
     assert loaded is not None
+    assert loaded.reference is not None and len(loaded.reference.masks) == 2  # one per shot
     monkeypatch.setattr(loaded, "threshold", 1.01)  # nothing can pass
     none = seg.segment(image, "segment <kite>", user="dana")
     assert none.masks == [] and none.answer == NOT_FOUND.format(token="<kite>")
@@ -164,3 +207,26 @@ def test_lora_concept_stores_a_verifier_and_it_decides(concept, monkeypatch):
         image, "segment <kite>", user="dana"
     )
     assert all(m.label == "kite" for m in raw.masks)  # the adapter's own masks, unverified
+
+
+def _hue_shares(rgb: np.ndarray, mask: np.ndarray, hues: tuple[int, ...]) -> list[float]:
+    h = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 0][mask].astype(int)
+    return [float(np.mean(np.abs((h - v + 90) % 180 - 90) <= 5)) for v in hues]
+
+
+def test_main_colour_look_alike_keeps_the_second_colour():
+    from segapp.personalize.concepts import Cutout, _transform
+
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[:, :13] = (40, 165, 55)  # green: the main colour
+    rgb[:, 13:] = (240, 205, 25)  # yellow: the second
+    cut = Cutout(rgb, np.ones((20, 20), bool))
+    green, yellow = (
+        int(cv2.cvtColor(rgb[:1, c : c + 1], cv2.COLOR_RGB2HSV)[0, 0, 0]) for c in (0, 19)
+    )
+    main = _transform(cut, np.random.default_rng(0), 40, hue=180.0, main_only=True)
+    g, y = _hue_shares(main.rgb, main.mask, (green, yellow))
+    assert g < 0.05 and y > 0.2  # the main colour moved, the second stayed
+    whole = _transform(cut, np.random.default_rng(0), 40, hue=180.0)
+    g, y = _hue_shares(whole.rgb, whole.mask, (green, yellow))
+    assert g < 0.05 and y < 0.05

@@ -225,9 +225,12 @@ def _rotate(rgb: np.ndarray, mask: np.ndarray, angle: float) -> tuple[np.ndarray
     return rgb[y0:y1, x0:x1], keep[y0:y1, x0:x1]
 
 
-def _transform(cut: Cutout, rng: np.random.Generator, max_side: int, hue: float = 0.0) -> Cutout:
+def _transform(
+    cut: Cutout, rng: np.random.Generator, max_side: int, hue: float = 0.0, main_only: bool = False
+) -> Cutout:
     """Scaled (0.75-1.3), flipped, rotated by any angle, colour-jittered (hue shifted by
-    ``hue`` degrees for a look-alike)."""
+    ``hue`` degrees for a look-alike: every pixel, or with ``main_only`` only the pixels of the
+    object's main colour, as a look-alike that shares a second colour or a pattern)."""
     scale = float(rng.uniform(0.75, 1.3))
     h, w = cut.mask.shape
     scale = min(scale, max_side / max(h, w))
@@ -238,7 +241,12 @@ def _transform(cut: Cutout, rng: np.random.Generator, max_side: int, hue: float 
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     rgb, mask = _rotate(np.ascontiguousarray(rgb), np.ascontiguousarray(mask), rng.uniform(0, 360))
     hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV).astype(np.float32)
-    hsv[..., 0] = np.mod(hsv[..., 0] + hue / 2 + rng.uniform(-3, 3), 180)
+    shift = np.full(mask.shape, hue / 2, np.float32)
+    if main_only:
+        main = np.median(hsv[..., 0][mask])
+        gap = np.abs(np.mod(hsv[..., 0] - main + 90, 180) - 90)  # hue distance, OpenCV units
+        shift[gap > 10] = 0.0
+    hsv[..., 0] = np.mod(hsv[..., 0] + shift + rng.uniform(-3, 3), 180)
     hsv[..., 2] = np.clip(hsv[..., 2] * rng.uniform(0.9, 1.1), 0, 255)
     rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
     return Cutout(np.ascontiguousarray(rgb), np.ascontiguousarray(mask))
@@ -270,12 +278,25 @@ def _reskin(image: np.ndarray, silhouette: np.ndarray, cut: Cutout) -> None:
     region[where] = fill[where]
 
 
+def _silhouette(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A random closed form about ``side`` pixels across: 3-9 vertices at random angles and
+    radii around a centre, so convex, concave and ragged forms all turn up."""
+    n = int(rng.integers(3, 10))
+    angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+    radii = rng.uniform(0.35, 1.0, n) * side / 2
+    pts = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1) + side / 2
+    mask = np.zeros((side, side), np.uint8)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    return mask > 0
+
+
 def augment(
     cuts: list[Cutout], rng: np.random.Generator, *, present: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training scene: a world scene with one shot's object pasted on top (``present``), and
-    often a hard distractor: a hue-shifted copy of a shot, or one of the scene's objects
-    repainted with a shot's pixels (same look, other form). Returns (image, mask)."""
+    often a hard distractor: a hue-shifted copy of a shot (all of it or its main colour only),
+    or one of the scene's objects or a random form painted with a shot's pixels (same look,
+    other form). Returns (image, mask)."""
     scene = generate_scene(rng, "train")
     image = scene.image.copy()
     occupied = np.asarray(scene.masks.any(0), dtype=bool)
@@ -284,10 +305,18 @@ def augment(
     if rng.random() < (0.4 if present else 0.6):
         cut = cuts[int(rng.integers(len(cuts)))]
         largest = int(scene.masks.reshape(len(scene.masks), -1).sum(1).argmax())
-        if rng.random() < 0.5 and scene.masks[largest].sum() > 50:
+        kind = rng.random()
+        if kind < 0.25 and scene.masks[largest].sum() > 50:
             _reskin(image, scene.masks[largest], cut)
+        elif kind < 0.5:
+            side = int(np.sqrt(cut.mask.sum()) * rng.uniform(1.1, 1.6))
+            form = _silhouette(rng, max(side, 8))
+            blank = Cutout(np.zeros((*form.shape, 3), np.uint8), form)
+            where = _paste(image, blank, occupied, rng)
+            _reskin(image, where, cut)
+            occupied |= where
         else:
-            fake = _transform(cut, rng, max_side, rng.uniform(60, 300))
+            fake = _transform(cut, rng, max_side, rng.uniform(60, 300), rng.random() < 0.5)
             occupied |= _paste(image, fake, occupied, rng)
     if present:
         cut = _transform(cuts[int(rng.integers(len(cuts)))], rng, max_side)

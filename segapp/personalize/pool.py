@@ -13,7 +13,13 @@ from segapp.build import Bundle
 from segapp.data.batches import deepest_point, patch_cover
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.concepts import augment, cutout
-from segapp.personalize.verify import Verifier, fit_verifier, scene_candidates
+from segapp.personalize.verify import (
+    Reference,
+    Verifier,
+    fit_verifier,
+    mask_features,
+    scene_candidates,
+)
 from segapp.preprocess import (
     THUMBNAIL_SIZE,
     mask_tensor,
@@ -35,6 +41,7 @@ class Pool:
     cover: torch.Tensor  # P x N share of each LLM image token the target covers
     thumbs: torch.Tensor  # P x 3 x T x T RGB of the SAM frame (verifier features)
     input_sizes: list[tuple[int, int]]  # (h, w) of each image inside the SAM frame
+    shots: int  # the first ``shots`` examples are the user's shots themselves
 
 
 @torch.no_grad()
@@ -78,6 +85,7 @@ def build_pool(
         cover=torch.stack(covers).to(dev),
         thumbs=torch.stack([sam_thumbnail(px) for px in sam]),
         input_sizes=[size for _, size in framed],
+        shots=len(shots),
     )
 
 
@@ -86,15 +94,24 @@ def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
     """The concept verifier (see verify.py) on up to ``scenes`` of the pool's augmented scenes
     (the shots themselves included), with the fitted adapter's mask decoder."""
     pick = np.linspace(0, len(pool.positive) - 1, min(scenes, len(pool.positive))).round()
+    shots = torch.stack([_target(pool, i) for i in range(pool.shots)])
+    forms = [
+        mask_features(pool.thumbs[i], pool.sam[i : i + 1], shots[i : i + 1])[1]
+        for i in range(pool.shots)
+    ]
+    reference = Reference(shots, torch.cat(forms))
     found = []
     for i in sorted({int(v) for v in pick}):
-        target = None
-        if bool(pool.positive[i]):
-            low = pool.masks[i][None, None].float().cpu()
-            target = F.interpolate(low, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")[0, 0] >= 0.5
+        target = _target(pool, i) if bool(pool.positive[i]) else None
         found.append(
             scene_candidates(
-                model, pool.thumbs[i], pool.sam[i : i + 1], pool.input_sizes[i], target
+                model, pool.thumbs[i], pool.sam[i : i + 1], pool.input_sizes[i], target, reference
             )
         )
-    return fit_verifier(found)
+    return fit_verifier(found, reference)
+
+
+def _target(pool: Pool, i: int) -> torch.Tensor:
+    """Example ``i``'s target as a THUMBNAIL_SIZE square bool mask in the SAM frame."""
+    low = pool.masks[i][None, None].float().cpu()
+    return F.interpolate(low, (THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")[0, 0] >= 0.5

@@ -13,13 +13,20 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
   scale-invariant shape descriptors, relative area, and how much of the object's colours
   continue in a thin ring just outside the mask, which tells a whole object from a piece of a
   larger one);
+- **the shots as reference** (``Reference``, from the shots' own masks): for each form feature
+  its distance to the nearest shot's value, and the best IoU of the candidate's silhouette with
+  a shot's, both brought to a common centre and size and the shot turned through 24 angles and
+  mirrored. A logistic head is monotone in each feature, and a concept's form usually sits
+  mid-range (a trapezoid is neither as compact as a disc nor as ragged as a star), so "how far
+  from the shots" is what tells its form from another;
 - **two logistic heads**, one per feature group, fitted on the candidates of the augmented
-  fitting scenes (positive: IoU >= 0.6 with the pasted object; negative: IoU <= 0.2; the
-  scenes hold recoloured copies and other objects wearing the object's pixels as hard
-  negatives). A candidate's score is the lower of the two heads: a look-alike must pass both
+  fitting scenes (positive: IoU >= 0.75 with the pasted object; negative: IoU <= 0.2; the
+  scenes hold recoloured copies and other objects or random forms wearing the object's pixels
+  as hard negatives). A candidate's score is the lower of the two heads: a look-alike must pass both
   on colour and on form;
 - **a threshold** calibrated on held-out fitting scenes without the object (heads fitted on
-  the other half): the 90th percentile of their best candidate's score, at least 0.5.
+  the other half): the 90th percentile of their best candidate's score, at least
+  ``THRESHOLD_FLOOR``.
 
 The best-scoring candidate is kept if it clears the threshold; otherwise the concept is not in
 the image. Everything is stored next to the adapter as ``verifier.safetensors``.
@@ -41,10 +48,14 @@ from segapp.preprocess import THUMBNAIL_SIZE as FEATURE_SIZE
 
 FILE = "verifier.safetensors"
 GRID = 8  # point prompts per side
-POSITIVE_IOU, NEGATIVE_IOU = 0.6, 0.2
+POSITIVE_IOU, NEGATIVE_IOU = 0.75, 0.2  # 0.6 let ragged pieces teach the form head
+THRESHOLD_FLOOR = 0.65  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
 HIST_LEVELS = 4  # per RGB channel: 64 colour bins
 MIN_AREA = 12  # candidate pixels at FEATURE_SIZE
 DUPLICATE_IOU = 0.8
+MATCH_SIZE = 32  # side of the common frame silhouettes are compared in
+MATCH_TURNS = 24  # rotations of each shot's silhouette tried (x 2 mirrored)
+MATCH_SPAN = 1.5  # the common frame's half-side, in sqrt(object area)
 
 
 @torch.no_grad()
@@ -114,9 +125,14 @@ def _form(mask: np.ndarray) -> list[float]:
 
 
 def mask_features(
-    thumb: torch.Tensor, embedding: torch.Tensor, masks: torch.Tensor
+    thumb: torch.Tensor,
+    embedding: torch.Tensor,
+    masks: torch.Tensor,
+    reference: Reference | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(appearance C x A, form C x B) features of C x F x F bool masks over one image.
+    """(appearance C x A, form C x B) features of C x F x F bool masks over one image; with a
+    ``reference``, form also holds each form feature's distance to the shots and the
+    silhouette match (``Reference.compare``).
 
     thumb: 3 x F x F RGB (preprocess.sam_thumbnail); embedding: 1 x D x h x w SAM image embedding.
     """
@@ -144,7 +160,58 @@ def mask_features(
         [_form(m) for m in masks.numpy().astype(np.uint8)], dtype=torch.float32
     ).reshape(-1, 6)
     rel_area = torch.log(area / FEATURE_SIZE**2)[:, None] / 5
-    return appearance, torch.cat([shapes, rel_area, continues], 1)
+    form = torch.cat([shapes, rel_area, continues], 1)
+    if reference is not None:
+        form = torch.cat([form, reference.compare(form, masks)], 1)
+    return appearance, form
+
+
+def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> torch.Tensor:
+    """C x F x F bool masks -> C x R x MATCH_SIZE² 0/1 silhouettes in a common frame: centred
+    on the mask's centroid, MATCH_SPAN x sqrt(area) to each side, turned through ``turns``
+    angles (x 2 with ``mirror``): R = turns x (2 if mirror else 1)."""
+    m = masks.float()
+    count, side = m.shape[0], m.shape[-1]
+    pos = torch.arange(side, dtype=torch.float32) + 0.5
+    area = m.flatten(1).sum(1).clamp(min=1)
+    cy = (m.sum(2) * pos).sum(1) / area
+    cx = (m.sum(1) * pos).sum(1) / area
+    half = MATCH_SPAN * area.sqrt() * 2 / side  # in grid_sample's -1..1 units
+    angle = 2 * np.pi * torch.arange(turns, dtype=torch.float32) / turns
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    if mirror:
+        flip = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
+        rot = torch.cat([rot, rot @ flip])
+    r = rot.shape[0]
+    linear = half[:, None, None, None] * rot[None]  # C x R x 2 x 2
+    shift = torch.stack([cx, cy], 1) * 2 / side - 1  # C x 2
+    theta = torch.cat([linear, shift[:, None, :, None].expand(count, r, 2, 1)], -1)
+    grid = F.affine_grid(theta.reshape(-1, 2, 3), [count * r, 1, MATCH_SIZE, MATCH_SIZE], False)
+    source = m[:, None].repeat_interleave(r, 0)
+    out = F.grid_sample(source, grid, align_corners=False) >= 0.5
+    return out.reshape(count, r, -1).float()
+
+
+@dataclass
+class Reference:
+    """The shots' own masks (K x F x F bool, SAM frame at FEATURE_SIZE) and form features."""
+
+    masks: torch.Tensor
+    forms: torch.Tensor  # K x B
+
+    def __post_init__(self) -> None:
+        self.templates = silhouettes(self.masks, MATCH_TURNS, mirror=True).flatten(0, 1)
+
+    def compare(self, form: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """C x (B + 1): each of the C candidates' form features' distance to the nearest
+        shot's, and the best IoU of its silhouette with any turned or mirrored shot's."""
+        gap = (form[:, None, :] - self.forms[None]).abs().min(1).values
+        own = silhouettes(masks)[:, 0]
+        inter = own @ self.templates.T
+        union = own.sum(1, keepdim=True) + self.templates.sum(1)[None] - inter
+        match = (inter / union.clamp(min=1)).max(1).values
+        return torch.cat([gap, match[:, None]], 1)
 
 
 @dataclass
@@ -187,6 +254,7 @@ class Verifier:
     appearance: Head
     form: Head
     threshold: float
+    reference: Reference | None = None  # None: a concept fitted before references existed
 
     def scores(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """C scores in 0..1: the lower of the two heads' probabilities."""
@@ -199,6 +267,9 @@ class Verifier:
             for part in ("mean", "std", "weight", "bias")
         }
         tensors["threshold"] = torch.tensor([self.threshold])
+        if self.reference is not None:
+            tensors["reference.masks"] = self.reference.masks.to(torch.uint8).contiguous()
+            tensors["reference.forms"] = self.reference.forms.contiguous()
         save_file(tensors, str(directory / FILE))
 
     @classmethod
@@ -212,7 +283,10 @@ class Verifier:
             name: Head(*(t[f"{name}.{part}"] for part in ("mean", "std", "weight", "bias")))
             for name in ("appearance", "form")
         }
-        return cls(heads["appearance"], heads["form"], float(t["threshold"][0]))
+        reference = None
+        if "reference.masks" in t:
+            reference = Reference(t["reference.masks"].bool(), t["reference.forms"])
+        return cls(heads["appearance"], heads["form"], float(t["threshold"][0]), reference)
 
 
 @dataclass
@@ -231,6 +305,7 @@ def scene_candidates(
     embedding: torch.Tensor,
     input_size: tuple[int, int],
     target: torch.Tensor | None,
+    reference: Reference | None = None,
 ) -> Scene:
     """Grid candidates of one fitting scene (+ the true mask itself when present).
 
@@ -245,7 +320,8 @@ def scene_candidates(
         iou = (flat & goal).sum(1) / (flat | goal).sum(1).clamp(min=1)
     else:
         iou = torch.zeros(len(masks))
-    return Scene(mask_features(thumb, embedding, masks), iou.float(), target is not None)
+    features = mask_features(thumb, embedding, masks, reference)
+    return Scene(features, iou.float(), target is not None)
 
 
 def _labelled(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,17 +337,21 @@ def _heads(scenes: list[Scene]) -> tuple[Head, Head]:
     return fit_head(a, y), fit_head(b, y)
 
 
-def fit_verifier(scenes: list[Scene], quantile: float = 0.9) -> Verifier:
+def fit_verifier(
+    scenes: list[Scene], reference: Reference | None = None, quantile: float = 0.9
+) -> Verifier:
     """Heads on every scene; the threshold from heads fitted on the even scenes, applied to
-    the odd scenes without the object (their best candidate's score)."""
+    the odd scenes without the object (their best candidate's score).
+
+    reference: the one the scenes' features were computed with (kept for predict)."""
     appearance, form = _heads(scenes)
-    threshold = 0.5
+    threshold = THRESHOLD_FLOOR
     held_out = [s for s in scenes[1::2] if not s.present and len(s.iou)]
     if held_out and len(scenes) >= 4:
         half = Verifier(*_heads(scenes[0::2]), threshold=0.5)
         best = [float(half.scores(s.features).max()) for s in held_out]
-        threshold = max(0.5, float(np.quantile(best, quantile)))
-    return Verifier(appearance, form, min(threshold, 0.99))
+        threshold = max(THRESHOLD_FLOOR, float(np.quantile(best, quantile)))
+    return Verifier(appearance, form, min(threshold, 0.99), reference)
 
 
 @torch.no_grad()
@@ -295,7 +375,7 @@ def choose(
     keep = distinct(masks, quality)
     if not keep:
         return None
-    scores = verifier.scores(mask_features(thumb, embedding, masks[keep]))
+    scores = verifier.scores(mask_features(thumb, embedding, masks[keep], verifier.reference))
     best = int(scores.argmax())
     if float(scores[best]) < verifier.threshold:
         return None
