@@ -24,6 +24,7 @@ from segapp.personalize.verify import (
     distinct,
     fit_verifier,
     mask_features,
+    shot_colours,
 )
 
 EMBEDDING = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -142,6 +143,7 @@ def test_verifier_fits_separates_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     verifier = fit_verifier(_scenes(rng, 40))
     assert 0.5 <= verifier.threshold < 1.0
+    assert verifier.reference is None
     test = _scenes(rng, 20)
     best_on = [float(verifier.scores(s.features).max()) for s in test if s.present]
     best_off = [float(verifier.scores(s.features).max()) for s in test if not s.present]
@@ -158,7 +160,9 @@ def test_verifier_fits_separates_and_round_trips(tmp_path):
 def test_verifier_reference_round_trips(tmp_path):
     rng = np.random.default_rng(1)
     shots = torch.from_numpy(np.stack([_shape("tee"), _shape("tee", angle=50.0)]))
-    reference = Reference(shots, torch.from_numpy(rng.normal(0, 1, (2, 3))).float())
+    thumb = _paint([shots[0].numpy()], [(200, 30, 30)])
+    colours = shot_colours(thumb[None], shots[:1])
+    reference = Reference(shots, torch.from_numpy(rng.normal(0, 1, (2, 3))).float(), colours)
     scenes = _scenes(rng, 12)
     verifier = fit_verifier(scenes, reference)
     verifier.save(tmp_path)
@@ -166,11 +170,27 @@ def test_verifier_reference_round_trips(tmp_path):
     assert again is not None and again.reference is not None
     assert torch.equal(again.reference.masks, shots)
     assert torch.equal(again.reference.templates, reference.templates)
+    assert again.reference.colours is not None
+    assert torch.equal(again.reference.colours, colours)
     candidates = torch.from_numpy(np.stack([_shape("tee", angle=10.0), _shape("bolt")]))
     form = torch.zeros(2, 3)
     assert torch.equal(
-        reference.compare(form, candidates), again.reference.compare(form, candidates)
+        reference.compare(form, candidates, thumb),
+        again.reference.compare(form, candidates, thumb),
     )
+
+
+def test_snap_recovers_the_outline_in_the_shots_colours():
+    tee = _shape("tee", center=(60.0, 60.0))
+    thumb = _paint([tee], [(200, 30, 30)])
+    shots = torch.from_numpy(tee[None])
+    reference = Reference(shots, torch.zeros(1, 3), shot_colours(thumb[None], shots))
+    coarse = cv2.dilate(tee.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # a blobby mask
+    elsewhere = np.zeros_like(tee)
+    elsewhere[5:25, 90:120] = True  # background only: nothing in the shots' colours
+    snapped = reference.snap(torch.from_numpy(np.stack([coarse, elsewhere])), thumb).numpy()
+    assert (snapped[0] & tee).sum() / (snapped[0] | tee).sum() > 0.95
+    assert np.array_equal(snapped[1], elsewhere)  # too little left: its own outline stays
 
 
 @pytest.fixture(scope="module")

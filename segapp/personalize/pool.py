@@ -19,6 +19,7 @@ from segapp.personalize.verify import (
     fit_verifier,
     mask_features,
     scene_candidates,
+    shot_colours,
 )
 from segapp.preprocess import (
     THUMBNAIL_SIZE,
@@ -99,7 +100,7 @@ def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
         mask_features(pool.thumbs[i], pool.sam[i : i + 1], shots[i : i + 1])[1]
         for i in range(pool.shots)
     ]
-    reference = Reference(shots, torch.cat(forms))
+    reference = Reference(shots, torch.cat(forms), shot_colours(pool.thumbs[: pool.shots], shots))
     found = []
     for i in sorted({int(v) for v in pick}):
         target = _target(pool, i) if bool(pool.positive[i]) else None

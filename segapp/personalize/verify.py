@@ -16,7 +16,8 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
 - **the shots as reference** (``Reference``, from the shots' own masks): for each form feature
   its distance to the nearest shot's value, and the best IoU of the candidate's silhouette with
   a shot's, both brought to a common centre and size and the shot turned through 24 angles and
-  mirrored. A logistic head is monotone in each feature, and a concept's form usually sits
+  mirrored; the candidate's outline is first snapped to the nearby pixels in the shots' colours
+  (``Reference.snap``), since SAM's candidates are coarse. A logistic head is monotone in each feature, and a concept's form usually sits
   mid-range (a trapezoid is neither as compact as a disc nor as ragged as a star), so "how far
   from the shots" is what tells its form from another;
 - **two logistic heads**, one per feature group, fitted on the candidates of the augmented
@@ -24,9 +25,9 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
   scenes hold recoloured copies and other objects or random forms wearing the object's pixels
   as hard negatives). A candidate's score is the lower of the two heads: a look-alike must pass both
   on colour and on form;
-- **a threshold** calibrated on held-out fitting scenes without the object (heads fitted on
-  the other half): the 90th percentile of their best candidate's score, at least
-  ``THRESHOLD_FLOOR``.
+- **a fixed threshold** (``THRESHOLD``). Calibrating it per concept on held-out fitting
+  scenes (the 90th percentile of their best candidate's score) was measured to cost recall
+  for no fewer false positives: a dozen held-out scenes make a noisy percentile.
 
 The best-scoring candidate is kept if it clears the threshold; otherwise the concept is not in
 the image. Everything is stored next to the adapter as ``verifier.safetensors``.
@@ -49,7 +50,7 @@ from segapp.preprocess import THUMBNAIL_SIZE as FEATURE_SIZE
 FILE = "verifier.safetensors"
 GRID = 8  # point prompts per side
 POSITIVE_IOU, NEGATIVE_IOU = 0.75, 0.2  # 0.6 let ragged pieces teach the form head
-THRESHOLD_FLOOR = 0.65  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
+THRESHOLD = 0.7  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
 HIST_LEVELS = 4  # per RGB channel: 64 colour bins
 MIN_AREA = 12  # candidate pixels at FEATURE_SIZE
 DUPLICATE_IOU = 0.8
@@ -162,7 +163,7 @@ def mask_features(
     rel_area = torch.log(area / FEATURE_SIZE**2)[:, None] / 5
     form = torch.cat([shapes, rel_area, continues], 1)
     if reference is not None:
-        form = torch.cat([form, reference.compare(form, masks)], 1)
+        form = torch.cat([form, reference.compare(form, masks, thumb)], 1)
     return appearance, form
 
 
@@ -193,20 +194,47 @@ def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> to
     return out.reshape(count, r, -1).float()
 
 
+def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05) -> torch.Tensor:
+    """64 bools: the colour bins holding at least ``share`` of the shots' object pixels.
+
+    thumbs: K x 3 x F x F RGB; masks: K x F x F bool."""
+    counts = sum(_colour_bins(t)[m.flatten()].sum(0) for t, m in zip(thumbs, masks, strict=True))
+    assert isinstance(counts, torch.Tensor)
+    return counts / counts.sum().clamp(min=1) >= share
+
+
 @dataclass
 class Reference:
     """The shots' own masks (K x F x F bool, SAM frame at FEATURE_SIZE) and form features."""
 
     masks: torch.Tensor
     forms: torch.Tensor  # K x B
+    colours: torch.Tensor | None = None  # 64 bools: colour bins the shots are made of
 
     def __post_init__(self) -> None:
         self.templates = silhouettes(self.masks, MATCH_TURNS, mirror=True).flatten(0, 1)
 
-    def compare(self, form: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def snap(self, masks: torch.Tensor, thumb: torch.Tensor) -> torch.Tensor:
+        """Candidates' outlines snapped to the image: the pixels within 3 px of each mask whose
+        colour bin is one of the shots' (a candidate left with under a third of its pixels
+        keeps its own outline)."""
+        if self.colours is None:
+            return masks
+        near = F.max_pool2d(masks.float()[:, None], 7, 1, 3)[:, 0] > 0
+        ours = (_colour_bins(thumb) @ self.colours.float()).reshape(thumb.shape[1:]) > 0
+        snapped = near & ours[None]
+        enough = snapped.flatten(1).sum(1) >= masks.flatten(1).sum(1) / 3
+        return torch.where(enough[:, None, None], snapped, masks)
+
+    def compare(
+        self, form: torch.Tensor, masks: torch.Tensor, thumb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """C x (B + 1): each of the C candidates' form features' distance to the nearest
-        shot's, and the best IoU of its silhouette with any turned or mirrored shot's."""
+        shot's, and the best IoU of its silhouette (snapped to the shots' colours when
+        ``thumb`` is given) with any turned or mirrored shot's."""
         gap = (form[:, None, :] - self.forms[None]).abs().min(1).values
+        if thumb is not None:
+            masks = self.snap(masks, thumb)
         own = silhouettes(masks)[:, 0]
         inter = own @ self.templates.T
         union = own.sum(1, keepdim=True) + self.templates.sum(1)[None] - inter
@@ -270,6 +298,8 @@ class Verifier:
         if self.reference is not None:
             tensors["reference.masks"] = self.reference.masks.to(torch.uint8).contiguous()
             tensors["reference.forms"] = self.reference.forms.contiguous()
+            if self.reference.colours is not None:
+                tensors["reference.colours"] = self.reference.colours.to(torch.uint8)
         save_file(tensors, str(directory / FILE))
 
     @classmethod
@@ -285,7 +315,8 @@ class Verifier:
         }
         reference = None
         if "reference.masks" in t:
-            reference = Reference(t["reference.masks"].bool(), t["reference.forms"])
+            colours = t["reference.colours"].bool() if "reference.colours" in t else None
+            reference = Reference(t["reference.masks"].bool(), t["reference.forms"], colours)
         return cls(heads["appearance"], heads["form"], float(t["threshold"][0]), reference)
 
 
@@ -337,21 +368,11 @@ def _heads(scenes: list[Scene]) -> tuple[Head, Head]:
     return fit_head(a, y), fit_head(b, y)
 
 
-def fit_verifier(
-    scenes: list[Scene], reference: Reference | None = None, quantile: float = 0.9
-) -> Verifier:
-    """Heads on every scene; the threshold from heads fitted on the even scenes, applied to
-    the odd scenes without the object (their best candidate's score).
+def fit_verifier(scenes: list[Scene], reference: Reference | None = None) -> Verifier:
+    """Both heads on every scene's labelled candidates, the fixed ``THRESHOLD``.
 
     reference: the one the scenes' features were computed with (kept for predict)."""
-    appearance, form = _heads(scenes)
-    threshold = THRESHOLD_FLOOR
-    held_out = [s for s in scenes[1::2] if not s.present and len(s.iou)]
-    if held_out and len(scenes) >= 4:
-        half = Verifier(*_heads(scenes[0::2]), threshold=0.5)
-        best = [float(half.scores(s.features).max()) for s in held_out]
-        threshold = max(THRESHOLD_FLOOR, float(np.quantile(best, quantile)))
-    return Verifier(appearance, form, min(threshold, 0.99), reference)
+    return Verifier(*_heads(scenes), threshold=THRESHOLD, reference=reference)
 
 
 @torch.no_grad()
