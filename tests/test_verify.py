@@ -14,17 +14,16 @@ from segapp.build import load_model
 from segapp.personalize import ConceptStore, PersonalSegmenter, fit_concept
 from segapp.personalize.concepts import NOVEL_SHAPES, concept_scene, sample_concepts
 from segapp.personalize.fit import FitConfig
+from segapp.personalize.reference import Reference, shot_colours
 from segapp.personalize.segmenter import NOT_FOUND
 from segapp.personalize.verify import (
     FEATURE_SIZE,
     FILE,
-    Reference,
     Scene,
     Verifier,
     distinct,
     fit_verifier,
     mask_features,
-    shot_colours,
 )
 
 EMBEDDING = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -13,13 +13,12 @@ from segapp.build import Bundle
 from segapp.data.batches import deepest_point, patch_cover
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.concepts import augment, cutout
+from segapp.personalize.reference import Reference, shot_colours
 from segapp.personalize.verify import (
-    Reference,
     Verifier,
     fit_verifier,
     mask_features,
     scene_candidates,
-    shot_colours,
 )
 from segapp.preprocess import (
     THUMBNAIL_SIZE,

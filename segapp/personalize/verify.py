@@ -45,18 +45,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from segapp.modeling.segllm import SegLLM
+from segapp.personalize.reference import Reference, colour_bins
 from segapp.preprocess import THUMBNAIL_SIZE as FEATURE_SIZE
 
 FILE = "verifier.safetensors"
 GRID = 8  # point prompts per side
 POSITIVE_IOU, NEGATIVE_IOU = 0.75, 0.2  # 0.6 let ragged pieces teach the form head
 THRESHOLD = 0.7  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
-HIST_LEVELS = 4  # per RGB channel: 64 colour bins
 MIN_AREA = 12  # candidate pixels at FEATURE_SIZE
 DUPLICATE_IOU = 0.8
-MATCH_SIZE = 32  # side of the common frame silhouettes are compared in
-MATCH_TURNS = 24  # rotations of each shot's silhouette tried (x 2 mirrored)
-MATCH_SPAN = 1.5  # the common frame's half-side, in sqrt(object area)
 
 
 @torch.no_grad()
@@ -96,13 +93,6 @@ def distinct(masks: torch.Tensor, quality: torch.Tensor) -> list[int]:
     return keep
 
 
-def _colour_bins(thumb: torch.Tensor) -> torch.Tensor:
-    """F*F x 64 one-hot colour bin of every pixel."""
-    q = (thumb.flatten(1).T / 256 * HIST_LEVELS).long().clamp(0, HIST_LEVELS - 1)
-    index = (q[:, 0] * HIST_LEVELS + q[:, 1]) * HIST_LEVELS + q[:, 2]
-    return F.one_hot(index, HIST_LEVELS**3).float()
-
-
 def _form(mask: np.ndarray) -> list[float]:
     """Solidity, rectangularity, aspect, circularity and two Hu invariants of the largest
     outline (all unchanged by rotation and scale)."""
@@ -139,7 +129,7 @@ def mask_features(
     """
     flat = masks.float().flatten(1)
     area = flat.sum(1).clamp(min=1)
-    bins = _colour_bins(thumb)
+    bins = colour_bins(thumb)
     hist = flat @ bins / area[:, None]
     rgb = thumb.permute(1, 2, 0).numpy().astype(np.uint8)
     lab = torch.from_numpy(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3)).float() / 255
@@ -165,81 +155,6 @@ def mask_features(
     if reference is not None:
         form = torch.cat([form, reference.compare(form, masks, thumb)], 1)
     return appearance, form
-
-
-def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> torch.Tensor:
-    """C x F x F bool masks -> C x R x MATCH_SIZE² 0/1 silhouettes in a common frame: centred
-    on the mask's centroid, MATCH_SPAN x sqrt(area) to each side, turned through ``turns``
-    angles (x 2 with ``mirror``): R = turns x (2 if mirror else 1)."""
-    m = masks.float()
-    count, side = m.shape[0], m.shape[-1]
-    pos = torch.arange(side, dtype=torch.float32) + 0.5
-    area = m.flatten(1).sum(1).clamp(min=1)
-    cy = (m.sum(2) * pos).sum(1) / area
-    cx = (m.sum(1) * pos).sum(1) / area
-    half = MATCH_SPAN * area.sqrt() * 2 / side  # in grid_sample's -1..1 units
-    angle = 2 * np.pi * torch.arange(turns, dtype=torch.float32) / turns
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    if mirror:
-        flip = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
-        rot = torch.cat([rot, rot @ flip])
-    r = rot.shape[0]
-    linear = half[:, None, None, None] * rot[None]  # C x R x 2 x 2
-    shift = torch.stack([cx, cy], 1) * 2 / side - 1  # C x 2
-    theta = torch.cat([linear, shift[:, None, :, None].expand(count, r, 2, 1)], -1)
-    grid = F.affine_grid(theta.reshape(-1, 2, 3), [count * r, 1, MATCH_SIZE, MATCH_SIZE], False)
-    source = m[:, None].repeat_interleave(r, 0)
-    out = F.grid_sample(source, grid, align_corners=False) >= 0.5
-    return out.reshape(count, r, -1).float()
-
-
-def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05) -> torch.Tensor:
-    """64 bools: the colour bins holding at least ``share`` of the shots' object pixels.
-
-    thumbs: K x 3 x F x F RGB; masks: K x F x F bool."""
-    counts = sum(_colour_bins(t)[m.flatten()].sum(0) for t, m in zip(thumbs, masks, strict=True))
-    assert isinstance(counts, torch.Tensor)
-    return counts / counts.sum().clamp(min=1) >= share
-
-
-@dataclass
-class Reference:
-    """The shots' own masks (K x F x F bool, SAM frame at FEATURE_SIZE) and form features."""
-
-    masks: torch.Tensor
-    forms: torch.Tensor  # K x B
-    colours: torch.Tensor | None = None  # 64 bools: colour bins the shots are made of
-
-    def __post_init__(self) -> None:
-        self.templates = silhouettes(self.masks, MATCH_TURNS, mirror=True).flatten(0, 1)
-
-    def snap(self, masks: torch.Tensor, thumb: torch.Tensor) -> torch.Tensor:
-        """Candidates' outlines snapped to the image: the pixels within 3 px of each mask whose
-        colour bin is one of the shots' (a candidate left with under a third of its pixels
-        keeps its own outline)."""
-        if self.colours is None:
-            return masks
-        near = F.max_pool2d(masks.float()[:, None], 7, 1, 3)[:, 0] > 0
-        ours = (_colour_bins(thumb) @ self.colours.float()).reshape(thumb.shape[1:]) > 0
-        snapped = near & ours[None]
-        enough = snapped.flatten(1).sum(1) >= masks.flatten(1).sum(1) / 3
-        return torch.where(enough[:, None, None], snapped, masks)
-
-    def compare(
-        self, form: torch.Tensor, masks: torch.Tensor, thumb: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """C x (B + 1): each of the C candidates' form features' distance to the nearest
-        shot's, and the best IoU of its silhouette (snapped to the shots' colours when
-        ``thumb`` is given) with any turned or mirrored shot's."""
-        gap = (form[:, None, :] - self.forms[None]).abs().min(1).values
-        if thumb is not None:
-            masks = self.snap(masks, thumb)
-        own = silhouettes(masks)[:, 0]
-        inter = own @ self.templates.T
-        union = own.sum(1, keepdim=True) + self.templates.sum(1)[None] - inter
-        match = (inter / union.clamp(min=1)).max(1).values
-        return torch.cat([gap, match[:, None]], 1)
 
 
 @dataclass
