@@ -70,6 +70,7 @@ class ImageCache:
     image_tokens: torch.Tensor  # 1 x N x H_llm projected vision tokens
     sam_embedding: torch.Tensor  # 1 x D x h x w
     thumbnail: torch.Tensor | None = None  # 3 x T x T RGB of the SAM frame (sam_thumbnail)
+    pixels: np.ndarray | None = None  # H x W x 3 uint8: the image itself (mask refinement)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Prepared:
     sam_input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
     vision: torch.Tensor  # 3 x V x V, CLIP-normalised
     sam: torch.Tensor  # 3 x S x S, SAM-normalised and padded
+    pixels: np.ndarray | None = None  # H x W x 3 uint8: the image itself
 
 
 def mask_labels(answer: str, count: int) -> list[str]:
@@ -121,7 +123,7 @@ class Segmenter:
         cfg = self.bundle.config
         vis, _ = vision_tensor(rgb, cfg.vision_image_size, crop=cfg.vision_resize == "crop")
         sam_px, input_size = sam_tensor(rgb, self.model.sam.image_encoder.img_size)
-        return Prepared(key, (rgb.shape[0], rgb.shape[1]), input_size, vis, sam_px)
+        return Prepared(key, (rgb.shape[0], rgb.shape[1]), input_size, vis, sam_px, rgb.copy())
 
     @torch.inference_mode()
     def set_image(self, image: Any) -> ImageCache:
@@ -141,7 +143,13 @@ class Segmenter:
         self.encoder_calls["sam"] += 1
         t2 = time.perf_counter()
         self.cache = ImageCache(
-            key, (rgb.shape[0], rgb.shape[1]), input_size, tokens, emb, sam_thumbnail(sam_px)
+            key,
+            (rgb.shape[0], rgb.shape[1]),
+            input_size,
+            tokens,
+            emb,
+            sam_thumbnail(sam_px),
+            rgb.copy(),
         )
         self.last_encode_timings = {"vision_tower": t1 - t0, "sam_encoder": t2 - t1}
         return self.cache
@@ -172,6 +180,7 @@ class Segmenter:
                 tokens[i : i + 1],
                 emb[i : i + 1],
                 sam_thumbnail(p.sam),
+                p.pixels,
             )
             for i, p in enumerate(images)
         ]

@@ -158,6 +158,7 @@ def test_batched_model_step_equals_one_at_a_time(
         alone = segmenter.encode_batch([segmenter.prepare(image)])[0]
         assert torch.equal(alone.sam_embedding, caches[i].sam_embedding)
         assert torch.equal(alone.image_tokens, caches[i].image_tokens)
+        assert caches[i].pixels is not None and np.array_equal(caches[i].pixels, image)
     asks = [PROMPT, "segment the blue square", PROMPT, "what can roll?"]
     batched = segmenter.predict_batch(list(zip(caches, asks, strict=True)))
     for cache, ask, got in zip(caches, asks, batched, strict=True):

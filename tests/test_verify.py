@@ -192,6 +192,29 @@ def test_snap_recovers_the_outline_in_the_shots_colours():
     assert np.array_equal(snapped[1], elsewhere)  # too little left: its own outline stays
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_refine_snaps_a_full_size_mask_to_the_object_and_leaves_strangers_alone():
+    tee = _shape("tee", center=(60.0, 60.0))
+    thumb = _paint([tee], [(200, 30, 30)])
+    shots = torch.from_numpy(tee[None])
+    reference = Reference(shots, torch.zeros(1, 3), shot_colours(thumb[None], shots))
+    # the same object at 4x the thumbnail's size, seen through a coarse (upsampled) mask
+    big = cv2.resize(tee.astype(np.uint8), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST) > 0
+    pixels = np.full((*big.shape, 3), 235, np.uint8)
+    pixels[big] = (200, 30, 30)
+    coarse = cv2.dilate(big.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    refined = reference.refine(coarse, pixels, cell=4.0)
+    assert _iou(coarse, big) < 0.85 and _iou(refined, big) > 0.97
+    background = np.zeros_like(big)
+    background[10:60, 300:400] = True  # nothing in the shots' colours near it: kept as is
+    assert np.array_equal(reference.refine(background, pixels, cell=4.0), background)
+    blind = Reference(shots, torch.zeros(1, 3))  # a concept stored without shot colours
+    assert np.array_equal(blind.refine(coarse, pixels, cell=4.0), coarse)
+
+
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory):
     bundle = load_model("tiny")
@@ -219,6 +242,7 @@ def test_lora_concept_stores_a_verifier_and_it_decides(concept, monkeypatch):
     assert none.masks == [] and none.answer == NOT_FOUND.format(token="<kite>")
     monkeypatch.setattr(loaded, "threshold", 0.0)  # the best candidate always passes
     one = seg.segment(image, "segment <kite>", user="dana")
+    assert seg.cache is not None and np.array_equal(seg.cache.pixels, image)  # for refine
     assert len(one.masks) == 1 and one.masks[0].label == "kite"
     assert one.masks[0].mask.shape == image.shape[:2] and one.masks[0].mask.any()
     assert "[SEG]" in one.answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,24 @@ class Reference:
         snapped = near & ours[None]
         enough = snapped.flatten(1).sum(1) >= masks.flatten(1).sum(1) / 3
         return torch.where(enough[:, None, None], snapped, masks)
+
+    def refine(self, mask: np.ndarray, pixels: np.ndarray, cell: float) -> np.ndarray:
+        """The picked mask's outline snapped to the image at full resolution: the pixels within
+        3/4 of a low-res mask cell (``cell`` image pixels) of ``mask`` whose colour bin is one
+        of the shots'. A mask left with under a third of its pixels is returned unchanged.
+
+        The decoder's low-res logits place an outline to within about a cell; on objects whose
+        colours the shots pin down this recovers the exact edge (measured +0.06 mean IoU on the
+        synthetic concepts at 5 shots, see README)."""
+        if self.colours is None or not mask.any():
+            return mask
+        radius = max(1, round(0.75 * cell))
+        kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+        near = cv2.dilate(mask.astype(np.uint8), kernel) > 0
+        q = pixels.astype(np.int64) * HIST_LEVELS // 256
+        index = (q[..., 0] * HIST_LEVELS + q[..., 1]) * HIST_LEVELS + q[..., 2]
+        snapped = near & self.colours.cpu().numpy()[index]
+        return snapped if snapped.sum() >= mask.sum() / 3 else mask
 
     def compare(
         self, form: torch.Tensor, masks: torch.Tensor, thumb: torch.Tensor | None = None

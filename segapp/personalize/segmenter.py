@@ -181,6 +181,9 @@ class PersonalSegmenter(Segmenter):
             low, cache.sam_input_size, cache.original_size, self.model.sam.image_encoder.img_size
         )
         mask = (logits[0] > 0).cpu().numpy()
+        if verifier.reference is not None and cache.pixels is not None:
+            cell = max(cache.original_size) / low.shape[-1]  # image pixels per low-res cell
+            mask = verifier.reference.refine(mask, cache.pixels, cell)
         return [MaskResult(info.name, score, mask)] if mask.any() else []
 
     def _predict_persam(self, cache: ImageCache, text: str, info: ConceptInfo) -> Result:
