@@ -167,6 +167,9 @@ def test_verifier_reference_round_trips(tmp_path):
     verifier.save(tmp_path)
     again = Verifier.load(tmp_path)
     assert again is not None and again.reference is not None
+    assert verifier.silhouette is not None and again.silhouette is not None  # the third gate
+    for s in scenes:
+        assert torch.equal(verifier.scores(s.features), again.scores(s.features))
     assert torch.equal(again.reference.masks, shots)
     assert torch.equal(again.reference.templates, reference.templates)
     assert again.reference.colours is not None

@@ -50,13 +50,27 @@ def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> to
     return out.reshape(count, r, -1).float()
 
 
-def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05) -> torch.Tensor:
-    """64 bools: the colour bins holding at least ``share`` of the shots' object pixels.
+def shot_colours(
+    thumbs: torch.Tensor,
+    masks: torch.Tensor,
+    share: float = 0.05,
+    brightness: tuple[float, ...] = (0.9, 1.0, 1.1),
+) -> torch.Tensor:
+    """64 bools: the colour bins holding at least ``share`` of the shots' object pixels, with
+    the shots seen at each of the ``brightness`` factors (the fit's own jitter range: a colour
+    near a bin edge, yellow's green channel at 200 say, falls in the next bin 10% darker, and
+    without them a jittered fitting copy loses that part when snapped).
 
     thumbs: K x 3 x F x F RGB; masks: K x F x F bool."""
-    counts = sum(colour_bins(t)[m.flatten()].sum(0) for t, m in zip(thumbs, masks, strict=True))
-    assert isinstance(counts, torch.Tensor)
-    return counts / counts.sum().clamp(min=1) >= share
+    found = torch.zeros(HIST_LEVELS**3, dtype=torch.bool)
+    for factor in brightness:
+        counts = sum(
+            colour_bins((t * factor).clamp(0, 255))[m.flatten()].sum(0)
+            for t, m in zip(thumbs, masks, strict=True)
+        )
+        assert isinstance(counts, torch.Tensor)
+        found |= counts / counts.sum().clamp(min=1) >= share
+    return found
 
 
 @dataclass
