@@ -14,7 +14,7 @@ from segapp.build import load_model
 from segapp.personalize import ConceptStore, PersonalSegmenter, fit_concept
 from segapp.personalize.concepts import NOVEL_SHAPES, concept_scene, sample_concepts
 from segapp.personalize.fit import FitConfig
-from segapp.personalize.reference import Reference, shot_colours
+from segapp.personalize.reference import Reference, colour_bins, shot_colours
 from segapp.personalize.segmenter import NOT_FOUND
 from segapp.personalize.verify import (
     FEATURE_SIZE,
@@ -197,6 +197,16 @@ def test_snap_recovers_the_outline_in_the_shots_colours():
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_shot_colours_hold_the_fit_s_jittered_copies_but_not_other_colours():
+    tee = _shape("tee")
+    thumb = _paint([tee], [(230, 200, 40)])  # a yellow whose green sits near a bin edge
+    colours = shot_colours(thumb[None], torch.from_numpy(tee[None]))
+    darker = _paint([tee], [(207, 180, 36)])  # the same yellow 10% darker: the next bin
+    for image, want in ((thumb, True), (darker, True), (_paint([tee], [(40, 90, 220)]), False)):
+        bins = colour_bins(image)[torch.from_numpy(tee).flatten()]
+        assert bool((bins @ colours.float() > 0).all()) is want
 
 
 def test_refine_snaps_a_full_size_mask_to_the_object_and_leaves_strangers_alone():

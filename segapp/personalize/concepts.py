@@ -16,6 +16,8 @@ import numpy as np
 from segapp.data.world import COLORS, IMAGE_SIZE, generate_scene
 
 _SHIFT = 4
+JITTER_HUE = 3.0  # a fitting copy's hue shift, at most (OpenCV units: 180 to the turn)
+JITTER_VALUE = 0.1  # and its brightness factor's distance from 1, at most
 
 
 def _regular(n: int, radius: float, phase: float = -90.0) -> np.ndarray:
@@ -246,8 +248,8 @@ def _transform(
         main = np.median(hsv[..., 0][mask])
         gap = np.abs(np.mod(hsv[..., 0] - main + 90, 180) - 90)  # hue distance, OpenCV units
         shift[gap > 10] = 0.0
-    hsv[..., 0] = np.mod(hsv[..., 0] + shift + rng.uniform(-3, 3), 180)
-    hsv[..., 2] = np.clip(hsv[..., 2] * rng.uniform(0.9, 1.1), 0, 255)
+    hsv[..., 0] = np.mod(hsv[..., 0] + shift + rng.uniform(-JITTER_HUE, JITTER_HUE), 180)
+    hsv[..., 2] = np.clip(hsv[..., 2] * rng.uniform(1 - JITTER_VALUE, 1 + JITTER_VALUE), 0, 255)
     rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
     return Cutout(np.ascontiguousarray(rgb), np.ascontiguousarray(mask))
 

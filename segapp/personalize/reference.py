@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segapp.personalize.concepts import JITTER_HUE, JITTER_VALUE
+
 HIST_LEVELS = 4  # per RGB channel: 64 colour bins
 MATCH_SIZE = 32  # side of the common frame silhouettes are compared in
 MATCH_TURNS = 24  # rotations of each shot's silhouette tried (x 2 mirrored)
@@ -50,27 +52,36 @@ def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> to
     return out.reshape(count, r, -1).float()
 
 
-def shot_colours(
-    thumbs: torch.Tensor,
-    masks: torch.Tensor,
-    share: float = 0.05,
-    brightness: tuple[float, ...] = (0.9, 1.0, 1.1),
-) -> torch.Tensor:
+def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05) -> torch.Tensor:
     """64 bools: the colour bins holding at least ``share`` of the shots' object pixels, with
-    the shots seen at each of the ``brightness`` factors (the fit's own jitter range: a colour
-    near a bin edge, yellow's green channel at 200 say, falls in the next bin 10% darker, and
-    without them a jittered fitting copy loses that part when snapped).
+    the shots seen at both ends of the fit's colour jitter too (hue and brightness, see
+    concepts.JITTER_*): a colour near a bin edge, a yellow whose green channel is 200 say,
+    falls in the next bin a little darker or redder, and without those bins a jittered fitting
+    copy loses that part of itself when snapped, which blurs what its silhouette teaches.
 
     thumbs: K x 3 x F x F RGB; masks: K x F x F bool."""
     found = torch.zeros(HIST_LEVELS**3, dtype=torch.bool)
-    for factor in brightness:
-        counts = sum(
-            colour_bins((t * factor).clamp(0, 255))[m.flatten()].sum(0)
-            for t, m in zip(thumbs, masks, strict=True)
-        )
-        assert isinstance(counts, torch.Tensor)
-        found |= counts / counts.sum().clamp(min=1) >= share
+    for hue in (-JITTER_HUE, 0.0, JITTER_HUE):
+        for value in (1 - JITTER_VALUE, 1.0, 1 + JITTER_VALUE):
+            counts = sum(
+                colour_bins(_jitter(t, hue, value))[m.flatten()].sum(0)
+                for t, m in zip(thumbs, masks, strict=True)
+            )
+            assert isinstance(counts, torch.Tensor)
+            found |= counts / counts.sum().clamp(min=1) >= share
     return found
+
+
+def _jitter(thumb: torch.Tensor, hue: float, value: float) -> torch.Tensor:
+    """3 x F x F RGB with its hue turned by ``hue`` (OpenCV units) and brightness x ``value``."""
+    if hue == 0.0 and value == 1.0:
+        return thumb
+    rgb = thumb.permute(1, 2, 0).clamp(0, 255).numpy().astype(np.uint8)
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = np.mod(hsv[..., 0] + hue, 180)
+    hsv[..., 2] = np.clip(hsv[..., 2] * value, 0, 255)
+    out = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    return torch.from_numpy(out).permute(2, 0, 1).float()
 
 
 @dataclass
