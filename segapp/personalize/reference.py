@@ -113,8 +113,8 @@ class Reference:
         of the shots'. A mask left with under a third of its pixels is returned unchanged.
 
         The decoder's low-res logits place an outline to within about a cell; on objects whose
-        colours the shots pin down this recovers the exact edge (measured +0.06 mean IoU on the
-        synthetic concepts at 5 shots, see README)."""
+        colours the shots pin down this recovers the exact edge (measured: 5-shot mIoU 0.840 to
+        0.920 in ``segapp eval personal``, see README)."""
         if self.colours is None or not mask.any():
             return mask
         radius = max(1, round(0.75 * cell))

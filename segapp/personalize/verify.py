@@ -26,9 +26,9 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
   pasted object; negative: IoU <= 0.2; the scenes hold recoloured copies and other objects or
   random forms wearing the object's pixels as hard negatives). A candidate's score is the
   lowest of the heads: a look-alike must pass on colour, on form and on outline. The form head
-  alone gave the match little weight (the other form features already split the fitting
-  scenes) and let a same-coloured object of another outline through; measured, the third gate
-  took 5-shot false positives from 0.08 to 0.02 (README);
+  alone gave the match little weight and let a same-coloured object of another outline through;
+  with the third gate (and shot colours that allow for the fit's jitter, ``shot_colours``)
+  5-shot false positives went from 0.08 to 0.02-0.04 (README);
 - **a fixed threshold** (``THRESHOLD``). Calibrating it per concept on held-out fitting
   scenes (the 90th percentile of their best candidate's score) was measured to cost recall
   for no fewer false positives: a dozen held-out scenes make a noisy percentile.
