@@ -4,6 +4,7 @@ outline come to the shots' own (see verify.py for where these features are used)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,8 +22,12 @@ MATCH_SPAN = 1.5  # the common frame's half-side, in sqrt(object area)
 def colour_bins(thumb: torch.Tensor) -> torch.Tensor:
     """F*F x 64 one-hot colour bin of every pixel."""
     q = (thumb.flatten(1).T / 256 * HIST_LEVELS).long().clamp(0, HIST_LEVELS - 1)
-    index = (q[:, 0] * HIST_LEVELS + q[:, 1]) * HIST_LEVELS + q[:, 2]
-    return F.one_hot(index, HIST_LEVELS**3).float()
+    return F.one_hot(bin_index(q[:, 0], q[:, 1], q[:, 2]), HIST_LEVELS**3).float()
+
+
+def bin_index(r: Any, g: Any, b: Any) -> Any:
+    """The colour bin (0..63) of per-channel levels (0..HIST_LEVELS-1), arrays or tensors."""
+    return (r * HIST_LEVELS + g) * HIST_LEVELS + b
 
 
 def silhouettes(masks: torch.Tensor, turns: int = 1, mirror: bool = False) -> torch.Tensor:
@@ -121,8 +126,7 @@ class Reference:
         kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
         near = cv2.dilate(mask.astype(np.uint8), kernel) > 0
         q = pixels.astype(np.int64) * HIST_LEVELS // 256
-        index = (q[..., 0] * HIST_LEVELS + q[..., 1]) * HIST_LEVELS + q[..., 2]
-        snapped = near & self.colours.cpu().numpy()[index]
+        snapped = near & self.colours.cpu().numpy()[bin_index(q[..., 0], q[..., 1], q[..., 2])]
         return snapped if snapped.sum() >= mask.sum() / 3 else mask
 
     def compare(
