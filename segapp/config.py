@@ -56,6 +56,12 @@ class ModelConfig:
         "width of the [SEG] pointer (0 = none): each [SEG] also picks the image token of its "
         "target and adds SAM's point prompt at that patch centre (off for published LISA)",
     )
+    vision_stem: str = _f(
+        "patch",
+        "vision tower input layer: 'patch' (CLIP's one strided convolution, as in published "
+        "checkpoints) or 'conv' (four 3 x 3 stride-2 convolutions: outlines, hence shapes, are "
+        "learnt far sooner from scratch)",
+    )
     # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
     projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
     vision_select_layer: int = _f(
@@ -113,6 +119,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "tie_embeddings",
     "chat_format",
     "seg_pointer",
+    "vision_stem",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -146,6 +153,11 @@ class TrainConfig:
         "trains on video (video prompts every frame with [SEG] alone)",
     )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
+    probe_swap: float = _f(
+        0.5,
+        "share of each batch's scenes the probe also reads with their colour channels "
+        "reordered (shape learnt apart from colour; 0 = off)",
+    )
     target_weight: float = _f(
         0.0, "BCE of a training-only head marking the image tokens on a query's targets"
     )
@@ -168,7 +180,9 @@ class TrainConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # the vision tower reads the synthetic world at full resolution (256 px, 16 x 16 patches,
     # fine enough to tell shapes apart) and the LLM sees 2 x 2-merged tokens (8 x 8 = 64)
-    "tiny": ModelConfig(vision_image_size=256, vision_layers=3, vision_merge=2, seg_pointer=64),
+    "tiny": ModelConfig(
+        vision_image_size=256, vision_layers=3, vision_merge=2, seg_pointer=64, vision_stem="conv"
+    ),
 }
 
 

@@ -26,6 +26,7 @@ from segapp.tokenizer import SEG_TOKEN
 _LEAD = re.compile(
     r"^(?:sure|yes|ok(?:ay)?|it is|it's|this is|that is|and|so|the answer is)\b[\s,]*"
 )
+_WHERE = re.compile(r"\s+(?:at|on|in) the (?:top|bottom|left|right|center)(?: (?:left|right))?$")
 
 
 @dataclass
@@ -85,17 +86,26 @@ class Prepared:
     pixels: np.ndarray | None = None  # H x W x 3 uint8: the image itself
 
 
+def _short(phrase: str, *, drop_place: bool = False) -> str:
+    phrase = phrase.strip().lower()
+    while (stripped := _LEAD.sub("", phrase).strip()) != phrase:  # "so it is the ..."
+        phrase = stripped
+    phrase = re.sub(r"^(?:the|a|an)\s+", "", phrase)
+    return _WHERE.sub("", phrase).strip() if drop_place else phrase
+
+
 def mask_labels(answer: str, count: int) -> list[str]:
-    """A short label per `[SEG]`: the phrase just before it in the answer ("small red circle")."""
-    pieces = answer.split(SEG_TOKEN)[:count]
+    """A short label per `[SEG]`: the phrase just before it in the answer ("small red
+    circle"), else the one just after it ("It is [SEG], the small red circle at the top.")."""
+    pieces = answer.split(SEG_TOKEN)
     labels = []
-    for i, piece in enumerate(pieces):
-        phrase = re.split(r"[,:;.!?]", piece)[-1].strip().lower()
-        while (stripped := _LEAD.sub("", phrase).strip()) != phrase:  # "so it is the ..."
-            phrase = stripped
-        phrase = re.sub(r"^(?:the|a|an)\s+", "", phrase)
+    for i in range(min(count, len(pieces) - 1)):
+        phrase = _short(re.split(r"[,:;.!?]", pieces[i])[-1])
+        if not phrase:
+            after = re.split(r"[:;.!?(]| because ", pieces[i + 1].lstrip(" ,"))[0]
+            phrase = _short(after.split(",")[0], drop_place=True)
         labels.append(phrase or f"target {i + 1}")
-    return labels
+    return labels + [f"target {i + 1}" for i in range(len(labels), count)]
 
 
 class Segmenter:

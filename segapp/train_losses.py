@@ -66,6 +66,7 @@ class ObjectProbe(torch.nn.Module):
         losses = [
             F.cross_entropy(h(pooled).flatten(0, 1), attrs[..., a].flatten())
             for a, h in enumerate(self.heads)
+            if bool((attrs[..., a] >= 0).any())  # an unlabelled attribute has no loss
         ]
         return torch.stack(losses).mean()
 
@@ -97,6 +98,35 @@ def target_loss(
         cover = cover.index_add(0, batch.seg_query, batch.seg_cover.to(cover.dtype))
     logits = head(image_hidden)[..., 0]
     return F.binary_cross_entropy_with_logits(logits, (cover >= 0.5).to(logits.dtype))
+
+
+# the five orderings of R, G, B other than the identity
+_SWAPS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def swapped_probe_loss(
+    model: SegLLM,
+    aux: AuxHeads,
+    batch: TrainBatch,
+    tcfg: TrainConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The object probe on copies of the first scenes with their colour channels reordered
+    (red paints as green or blue...), shape / size / texture labels kept, colour unlabelled.
+
+    Why: the test split holds out colour-shape pairs (no green triangle in training). Trained
+    on the scenes as they are, the probe read shape 71% right on training scenes and 51% on
+    held-out ones: the tower learnt shape per colour. Reordered channels make shape the same
+    feature under any colour (held-out shape accuracy 0.51 -> 0.57 with the conv stem, in a
+    vision-only run of 150 s).
+    """
+    n = max(1, round(tcfg.probe_swap * batch.vision_pixels.shape[0]))
+    picks = torch.randint(len(_SWAPS), (n,), generator=generator).tolist()
+    pixels = torch.stack([batch.vision_pixels[i, list(_SWAPS[p])] for i, p in enumerate(picks)])
+    attrs = batch.object_attrs[:n].clone()
+    attrs[..., 0] = -100  # the colour names no longer hold
+    feats = model.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+    return aux.probe(feats, batch.object_cover[:n], attrs)
 
 
 def pointer_choice(
@@ -140,6 +170,8 @@ def forward_losses(
     )
     feats = model.vision_tower(pixel_values=batch.vision_pixels).last_hidden_state[:, 1:]
     probe_loss = aux.probe(feats, batch.object_cover, batch.object_attrs)
+    if w.probe_swap:
+        probe_loss = 0.5 * (probe_loss + swapped_probe_loss(model, aux, batch, w, generator))
     terms = {"point_dice": point["dice"], "probe": probe_loss}
     if not joint:
         terms["total"] = sam_total + probe_loss

