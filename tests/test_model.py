@@ -284,3 +284,11 @@ def test_mask_labels_drop_lead_in_words() -> None:
     answer = "A banana is yellow, so it is the medium striped yellow star [SEG]."
     assert mask_labels(answer, 1) == ["medium striped yellow star"]
     assert mask_labels("Sure, [SEG].", 1) == ["target 1"]
+    # [SEG] first, the description after it (the bundled model's answers)
+    answer = "It is [SEG], the small dotted red circle at the top left."
+    assert mask_labels(answer, 1) == ["small dotted red circle"]
+    answer = "It is [SEG], the medium pink star: only one object is pink."
+    assert mask_labels(answer, 1) == ["medium pink star"]
+    answer = "There are two hearts: the one on the left [SEG] and the large one [SEG]."
+    assert mask_labels(answer, 2) == ["one on the left", "large one"]
+    assert mask_labels("Sure, [SEG], [SEG].", 3) == ["target 1", "target 2", "target 3"]

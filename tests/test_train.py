@@ -135,3 +135,58 @@ def test_text_first_model_trains_further_as_segapp_weights(
     again = ["train", "--init-from", str(out), "--chat-format", "segapp", *common]
     assert run(again) == 2
     assert "--chat-format" in capsys.readouterr().err
+
+
+def test_conv_stem_keeps_the_token_grid_and_needs_a_power_of_two_patch() -> None:
+    from segapp.errors import ModelError
+    from segapp.modeling.builders import ConvStem, build_vision_tower
+
+    cfg = MODEL_PRESETS["tiny"]
+    assert cfg.vision_stem == "conv"
+    tower = build_vision_tower(cfg)
+    assert isinstance(tower.embeddings.patch_embedding, ConvStem)
+    pixels = torch.randn(2, 3, cfg.vision_image_size, cfg.vision_image_size)
+    grid = cfg.vision_image_size // cfg.vision_patch
+    assert tower(pixel_values=pixels).last_hidden_state.shape == (2, grid * grid + 1, 128)
+    plain = build_vision_tower(cfg.replace(vision_stem="patch"))
+    assert isinstance(plain.embeddings.patch_embedding, torch.nn.Conv2d)
+    with pytest.raises(ModelError, match="power-of-two patch"):
+        ConvStem(14, 64)
+    with pytest.raises(ModelError, match="unknown vision stem"):
+        build_vision_tower(cfg.replace(vision_stem="fancy"))
+    # a published-style config keeps CLIP's patch embedding and writes no vision_stem key
+    assert "vision_stem" not in cfg.replace(vision_stem="patch").to_dict()
+    assert cfg.to_dict()["vision_stem"] == "conv"
+
+
+def test_swapped_probe_reorders_colours_and_leaves_colour_unlabelled() -> None:
+    from segapp.build import build_segllm
+    from segapp.data.batches import make_batch
+    from segapp.tokenizer import ChatFormat
+    from segapp.train_losses import AuxHeads, ObjectProbe, swapped_probe_loss
+
+    bundle = load_bundle(Path("weights/tiny"))
+    cfg = MODEL_PRESETS["tiny"]
+    model = build_segllm(cfg, bundle.tokenizer)
+    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
+    batch = make_batch(np.random.default_rng(0), chat, cfg, images=4, queries_per_image=1)
+    aux = AuxHeads(cfg)
+    seen: list[torch.Tensor] = []
+    model.vision_tower.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True
+    )
+    tcfg = TrainConfig(probe_swap=0.5)
+    loss = swapped_probe_loss(model, aux, batch, tcfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss.requires_grad
+    (pixels,) = seen
+    assert pixels.shape[0] == 2  # half the scenes
+    for i in range(2):  # each copy is its scene with the channels in another order
+        channels = [pixels[i, c] for c in range(3)]
+        original = [batch.vision_pixels[i, c] for c in range(3)]
+        order = [next(j for j in range(3) if torch.equal(x, original[j])) for x in channels]
+        assert sorted(order) == [0, 1, 2] and order != [0, 1, 2]
+    # an attribute nobody labelled adds no loss (and no NaN)
+    probe = ObjectProbe(8)
+    attrs = torch.full((1, 2, 4), 1)
+    attrs[..., 0] = -100
+    assert torch.isfinite(probe(torch.randn(1, 5, 8), torch.rand(1, 2, 5), attrs))

@@ -189,3 +189,21 @@ def test_corpus_covers_the_vocabulary() -> None:
     text = " ".join(iter_corpus(5))
     for word in list(COLORS) + list(SHAPES) + list(SIZES) + list(TEXTURES) + ["[SEG]"]:
         assert word in text
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_one_target_answers_put_seg_before_any_word_read_off_the_image(split: str) -> None:
+    """The [SEG] hidden state must not follow words the model wrote about its target: before
+    [SEG] only a lead-in ("It is", "Sure, it is") or a reason taken from the instruction."""
+    seen = 0
+    for i in range(60):
+        s = generate_sample(split, i)
+        if s.kind in ("none", "multi"):
+            continue
+        seen += 1
+        before = s.answer.split("[SEG]")[0]
+        assert before in ("It is ", "Sure, ", "Sure, it is ") or before.endswith(", so it is ")
+        assert "the " not in before.split(", so it is ")[-1]
+        if s.kind != "implicit":  # implicit reasons name what the clue means ("is yellow")
+            assert before in ("It is ", "Sure, ", "Sure, it is "), s.answer
+    assert seen >= 30
