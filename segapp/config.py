@@ -154,12 +154,18 @@ class TrainConfig:
     )
     probe_weight: float = _f(0.5, "per-patch attribute probe on the vision tower (training only)")
     probe_swap: float = _f(
-        0.5,
+        0.0,
         "share of each batch's scenes the probe also reads with their colour channels "
         "reordered (shape learnt apart from colour; 0 = off)",
     )
     target_weight: float = _f(
         0.0, "BCE of a training-only head marking the image tokens on a query's targets"
+    )
+    answer_order: str = _f(
+        "seg_first",
+        "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "
+        "answers with) or 'describe_first' (\"It is the red circle [SEG].\", the scaffold the "
+        "bundled recipe's first run trains on)",
     )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
@@ -180,9 +186,7 @@ class TrainConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # the vision tower reads the synthetic world at full resolution (256 px, 16 x 16 patches,
     # fine enough to tell shapes apart) and the LLM sees 2 x 2-merged tokens (8 x 8 = 64)
-    "tiny": ModelConfig(
-        vision_image_size=256, vision_layers=3, vision_merge=2, seg_pointer=64, vision_stem="conv"
-    ),
+    "tiny": ModelConfig(vision_image_size=256, vision_layers=3, vision_merge=2, seg_pointer=64),
 }
 
 

@@ -125,7 +125,7 @@ def train(
         if resume and tok_path.exists():
             tokenizer = load_tokenizer(tok_path)
         else:
-            corpus = iter_corpus(200, seed=train_cfg.seed)
+            corpus = iter_corpus(200, seed=train_cfg.seed, answer_order=train_cfg.answer_order)
             tokenizer = train_tokenizer(corpus, model_cfg.vocab_size)
             tokenizer.backend_tokenizer.save(str(tok_path))
         model = build_segllm(model_cfg, tokenizer).to(device)
@@ -149,6 +149,7 @@ def train(
         start=step,
         images=train_cfg.images_per_batch,
         queries_per_image=train_cfg.queries_per_image,
+        answer_order=train_cfg.answer_order,
     )
     # workers are forked: OpenCV's and tokenizers' thread pools must not be live in the parent
     cv2.setNumThreads(1)
@@ -203,7 +204,9 @@ def train(
             model, aux, batch, train_cfg, model_cfg, joint=joint, point_prompt=point_prompt
         )
         if joint and is_video_step(step, train_cfg.video_fraction):
-            sample = make_video_sample(model_cfg, train_cfg.seed, step)
+            sample = make_video_sample(
+                model_cfg, train_cfg.seed, step, answer_order=train_cfg.answer_order
+            )
             video = video_losses(model, sample, chat, model_cfg, train_cfg)
             terms.update(video)
             terms["total"] = terms["total"] + video["video_total"]

@@ -35,6 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seed",
             "video_fraction",
             "target_weight",
+            "answer_order",
+            "probe_swap",
         )
     }
     if args.init_from and args.sam_warmup_steps is None:
@@ -63,6 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.train or args.lora_r:
         raise InputError("--train and --lora-r apply to --init-from", "--train")
     model_cfg = MODEL_PRESETS[args.preset or "tiny"]
+    if args.vision_stem:
+        if args.init_from:
+            raise InputError("--vision-stem applies to a model built from scratch", "--vision-stem")
+        model_cfg = model_cfg.replace(vision_stem=args.vision_stem)
     if args.chat_format:
         if args.init_from:
             raise InputError(
@@ -141,6 +147,23 @@ def add_train_command(sub: Any) -> None:
         type=float,
         help="weight of a training-only loss marking the image tokens on each query's targets "
         "(default 0)",
+    )
+    t.add_argument(
+        "--answer-order",
+        choices=["seg_first", "describe_first"],
+        help="one-target answers: [SEG] then the description (default, what the model answers "
+        "with) or the description then [SEG] (the scaffold of the bundled recipe's first run)",
+    )
+    t.add_argument(
+        "--probe-swap",
+        type=float,
+        help="share of scenes the object probe also reads with colour channels reordered "
+        "(default 0)",
+    )
+    t.add_argument(
+        "--vision-stem",
+        choices=["patch", "conv"],
+        help="vision tower input layer of a model built from scratch (default patch)",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)

@@ -141,14 +141,13 @@ def test_conv_stem_keeps_the_token_grid_and_needs_a_power_of_two_patch() -> None
     from segapp.errors import ModelError
     from segapp.modeling.builders import ConvStem, build_vision_tower
 
-    cfg = MODEL_PRESETS["tiny"]
-    assert cfg.vision_stem == "conv"
+    cfg = MODEL_PRESETS["tiny"].replace(vision_stem="conv")
     tower = build_vision_tower(cfg)
     assert isinstance(tower.embeddings.patch_embedding, ConvStem)
     pixels = torch.randn(2, 3, cfg.vision_image_size, cfg.vision_image_size)
     grid = cfg.vision_image_size // cfg.vision_patch
     assert tower(pixel_values=pixels).last_hidden_state.shape == (2, grid * grid + 1, 128)
-    plain = build_vision_tower(cfg.replace(vision_stem="patch"))
+    plain = build_vision_tower(MODEL_PRESETS["tiny"])
     assert isinstance(plain.embeddings.patch_embedding, torch.nn.Conv2d)
     with pytest.raises(ModelError, match="power-of-two patch"):
         ConvStem(14, 64)

@@ -207,3 +207,31 @@ def test_one_target_answers_put_seg_before_any_word_read_off_the_image(split: st
         if s.kind != "implicit":  # implicit reasons name what the clue means ("is yellow")
             assert before in ("It is ", "Sure, ", "Sure, it is "), s.answer
     assert seen >= 30
+
+
+def test_describe_first_moves_the_description_before_seg_and_keeps_the_rest() -> None:
+    from segapp.data.queries import describe_first
+
+    assert describe_first("It is [SEG], the small red circle at the top.") == (
+        "It is the small red circle at the top [SEG]."
+    )
+    assert describe_first("It is [SEG], the medium blue star: only one object is blue.") == (
+        "Only one object is blue, so it is the medium blue star [SEG]."
+    )
+    assert describe_first("A coin is round, so it is [SEG], the large red circle.") == (
+        "A coin is round, so it is the large red circle [SEG]."
+    )
+    for unchanged in (
+        "Sure, [SEG].",
+        "Sure, [SEG], [SEG] and [SEG].",
+        "There are two hearts: the small one [SEG], the large one [SEG].",
+        "There is no cyan hexagon in the image.",
+    ):
+        assert describe_first(unchanged) == unchanged
+    for i in range(40):  # same words, same [SEG] count, [SEG] last in one-target answers
+        s = generate_sample("train", i)
+        moved = describe_first(s.answer)
+        assert _words(moved) - {"so"} == _words(s.answer) - {"so"}  # "..., so it is"
+        assert moved.count("[SEG]") == s.answer.count("[SEG]")
+        if s.answer.count("[SEG]") == 1 and s.answer != "Sure, [SEG].":
+            assert moved.endswith(" [SEG].")

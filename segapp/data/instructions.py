@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segapp.data import knowledge as kb
-from segapp.data.queries import KINDS, MAKERS, SEG, Query
+from segapp.data.queries import KINDS, MAKERS, SEG, Query, describe_first
 from segapp.data.world import (
     COLORS,
     IMAGE_SIZE,
@@ -134,7 +134,7 @@ def _vocabulary() -> Iterator[str]:
     yield f"Sure, {SEG}. There is no blue star in the image. Sorry, I cannot find a red heart."
 
 
-def iter_corpus(n_scenes: int, seed: int = 0) -> Iterator[str]:
+def iter_corpus(n_scenes: int, seed: int = 0, answer_order: str = "seg_first") -> Iterator[str]:
     """Instruction and answer strings for tokenizer training (all splits, all kinds)."""
     yield from _vocabulary()
     rng = np.random.default_rng([7, seed])
@@ -145,4 +145,4 @@ def iter_corpus(n_scenes: int, seed: int = 0) -> Iterator[str]:
             q = make_query(scene, rng, kind, split)
             if q is not None:
                 yield q.instruction
-                yield q.answer
+                yield q.answer if answer_order == "seg_first" else describe_first(q.answer)

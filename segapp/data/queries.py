@@ -7,6 +7,7 @@ the centroid x of their visible mask, the same order as the ``[SEG]`` tokens in 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -107,6 +108,30 @@ def _answer(
     if r < 0.25:
         return f"Sure, it is {SEG}, the {name}."
     return f"It is {SEG}, the {name} {kb.location((center[0], center[1]))}."
+
+
+ANSWER_ORDERS = ("seg_first", "describe_first")
+_REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
+_DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
+
+
+def describe_first(answer: str) -> str:
+    """A one-target answer with its description moved before the `[SEG]` ("It is [SEG], the
+    red circle." -> "It is the red circle [SEG]."; a reason read off the image leads:
+    "Only one object is red, so it is the ... [SEG]."). Other answers are returned unchanged.
+
+    The first stage of the bundled model's recipe trains on this order: a description that
+    names the target's attributes and place right before `[SEG]` is a scaffold from which the
+    `[SEG]` pointer learns where words lie in the image; the second stage takes the scaffold
+    away (`seg_first`, what the model answers with).
+    """
+    if answer.count(SEG) != 1:
+        return answer
+    if m := _REASON_AFTER.match(answer):
+        return f"{kb.sentence(m[2])}, so it is the {m[1]} {SEG}."
+    if m := _DESCRIPTION_AFTER.match(answer):
+        return f"{m[1]}the {m[2]} {SEG}."
+    return answer
 
 
 def _single(

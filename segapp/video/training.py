@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
+from segapp.data.queries import describe_first
 from segapp.data.videos import generate_clip
 from segapp.modeling.losses import bce_loss, dice_loss, text_loss
 from segapp.modeling.segllm import SegLLM
@@ -43,7 +44,13 @@ def is_video_step(step: int, fraction: float) -> bool:
 
 
 def make_video_sample(
-    cfg: ModelConfig, seed: int, step: int, *, dense: int = 4, sam_frames: int = 2
+    cfg: ModelConfig,
+    seed: int,
+    step: int,
+    *,
+    dense: int = 4,
+    sam_frames: int = 2,
+    answer_order: str = "seg_first",
 ) -> VideoSample:
     rng = np.random.default_rng([seed, step, 11])
     clip = generate_clip("train", int(rng.integers(2**31)))
@@ -53,7 +60,8 @@ def make_video_sample(
     sam = torch.stack([sam_tensor(clip.frames[i], cfg.sam_image_size)[0] for i in chosen])
     masks = mask_tensor(clip.masks[chosen], cfg.sam_image_size)
     merge = MERGES[int(rng.integers(len(MERGES)))]
-    return VideoSample(vis, sam, masks, clip.instruction, clip.answer, merge)
+    answer = clip.answer if answer_order == "seg_first" else describe_first(clip.answer)
+    return VideoSample(vis, sam, masks, clip.instruction, answer, merge)
 
 
 def video_losses(
