@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from segapp.config import SEGAPP_FORMATS
+from segapp.data.queries import ANSWER_ORDERS
 from segapp.errors import InputError
 
 # what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:
@@ -150,7 +151,7 @@ def add_train_command(sub: Any) -> None:
     )
     t.add_argument(
         "--answer-order",
-        choices=["seg_first", "describe_first"],
+        choices=list(ANSWER_ORDERS),
         help="one-target answers: [SEG] then the description (default, what the model answers "
         "with) or the description then [SEG] (the scaffold of the bundled recipe's first run)",
     )

@@ -120,7 +120,8 @@ def swapped_probe_loss(
     feature under any colour (held-out shape accuracy 0.51 -> 0.57 with the conv stem, in a
     vision-only run of 150 s).
     """
-    n = max(1, round(tcfg.probe_swap * batch.vision_pixels.shape[0]))
+    scenes = batch.vision_pixels.shape[0]
+    n = min(scenes, max(1, round(tcfg.probe_swap * scenes)))
     picks = torch.randint(len(_SWAPS), (n,), generator=generator).tolist()
     pixels = torch.stack([batch.vision_pixels[i, list(_SWAPS[p])] for i, p in enumerate(picks)])
     attrs = batch.object_attrs[:n].clone()

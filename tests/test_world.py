@@ -235,3 +235,11 @@ def test_describe_first_moves_the_description_before_seg_and_keeps_the_rest() ->
         assert moved.count("[SEG]") == s.answer.count("[SEG]")
         if s.answer.count("[SEG]") == 1 and s.answer != "Sure, [SEG].":
             assert moved.endswith(" [SEG].")
+
+
+def test_an_unknown_answer_order_is_an_error() -> None:
+    from segapp.data.queries import in_order
+
+    assert in_order("It is [SEG], the red circle.", "seg_first") == "It is [SEG], the red circle."
+    with pytest.raises(ValueError, match="unknown answer order 'seg_last'"):
+        in_order("Sure, [SEG].", "seg_last")

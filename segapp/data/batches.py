@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from segapp.config import ModelConfig
 from segapp.data.instructions import make_queries
-from segapp.data.queries import describe_first
+from segapp.data.queries import in_order
 from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
@@ -117,7 +117,7 @@ def make_batch(
             pt_img.append(b)
         pt_masks.append(mask_tensor(scene.masks[order], cfg.sam_image_size))
         for q in make_queries(scene, rng, queries_per_image, split):
-            text = q.answer if answer_order == "seg_first" else describe_first(q.answer)
+            text = in_order(q.answer, answer_order)
             prompt, answer = chat.prompt_ids(q.instruction), chat.answer_ids(text)
             rows.append((prompt, answer))
             query_image.append(b)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segapp.data import knowledge as kb
-from segapp.data.queries import KINDS, MAKERS, SEG, Query, describe_first
+from segapp.data.queries import KINDS, MAKERS, SEG, Query, in_order
 from segapp.data.world import (
     COLORS,
     IMAGE_SIZE,
@@ -145,4 +145,4 @@ def iter_corpus(n_scenes: int, seed: int = 0, answer_order: str = "seg_first") -
             q = make_query(scene, rng, kind, split)
             if q is not None:
                 yield q.instruction
-                yield q.answer if answer_order == "seg_first" else describe_first(q.answer)
+                yield in_order(q.answer, answer_order)

@@ -134,6 +134,13 @@ def describe_first(answer: str) -> str:
     return answer
 
 
+def in_order(answer: str, order: str) -> str:
+    """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS)."""
+    if order not in ANSWER_ORDERS:
+        raise ValueError(f"unknown answer order {order!r}; expected one of {ANSWER_ORDERS}")
+    return answer if order == "seg_first" else describe_first(answer)
+
+
 def _single(
     kind: str, rng: np.random.Generator, scene: Scene, k: int, np_: str, reason: str = ""
 ) -> Query:

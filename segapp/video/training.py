@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
-from segapp.data.queries import describe_first
+from segapp.data.queries import in_order
 from segapp.data.videos import generate_clip
 from segapp.modeling.losses import bce_loss, dice_loss, text_loss
 from segapp.modeling.segllm import SegLLM
@@ -60,7 +60,7 @@ def make_video_sample(
     sam = torch.stack([sam_tensor(clip.frames[i], cfg.sam_image_size)[0] for i in chosen])
     masks = mask_tensor(clip.masks[chosen], cfg.sam_image_size)
     merge = MERGES[int(rng.integers(len(MERGES)))]
-    answer = clip.answer if answer_order == "seg_first" else describe_first(clip.answer)
+    answer = in_order(clip.answer, answer_order)
     return VideoSample(vis, sam, masks, clip.instruction, answer, merge)
 
 
