@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -144,6 +144,21 @@ def check_instruction(text: str) -> str:
             "instruction",
         )
     return stripped
+
+
+def as_rgb(image: Any, *, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
+    """Encoded bytes, a path, a PIL image or an array -> H x W x 3 uint8 (size checked)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return load_image(bytes(image), max_pixels=max_pixels)
+    if isinstance(image, (str, Path)):
+        return load_image(image, max_pixels=max_pixels)
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    if height * width > max_pixels:
+        raise InputError(
+            f"image too large: {width}x{height} pixels, limit is {max_pixels}", "image"
+        )
+    return rgb
 
 
 def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:

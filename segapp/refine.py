@@ -16,6 +16,19 @@ from segapp.predictor import ImageCache, MaskResult, Segmenter, mask_labels
 from segapp.preprocess import postprocess_logits
 
 
+def check_points(
+    points: Sequence[tuple[float, float, int]], size: tuple[int, int] | None = None
+) -> None:
+    """InputError unless there are points, labelled 0/1, inside an image of `size` (H, W)."""
+    if not points:
+        raise InputError("no points: click on the image to add some", "points")
+    for x, y, label in points:
+        if label not in (0, 1):
+            raise InputError(f"point label must be 0 or 1, got {label}", "points")
+        if size is not None and not (0 <= x < size[1] and 0 <= y < size[0]):
+            raise InputError(f"point ({x}, {y}) is outside the {size[1]}x{size[0]} image", "points")
+
+
 @torch.inference_mode()
 def refine_mask(
     segmenter: Segmenter,

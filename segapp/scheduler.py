@@ -205,3 +205,35 @@ class JobTable:
         with self._lock:
             for key, value in changes.items():
                 setattr(job, key, value)
+
+    def start(
+        self,
+        queue: ModelQueue[Any],
+        kind: str,
+        user: str,
+        work: Callable[[Callable[[float, str], None]], dict[str, Any]],
+    ) -> Job:
+        """Queue `work(progress)` on the model thread as a new job; returns the job at once.
+
+        progress(fraction 0..1, message) updates the job; work's result (or its error) ends it.
+        """
+        job = self.create(kind, user)
+
+        def progress(fraction: float, message: str) -> None:
+            self.update(job, progress=float(min(max(fraction, 0.0), 1.0)), message=message)
+
+        def run() -> None:
+            self.update(job, state="running", message="started")
+            try:
+                result = work(progress)
+            except Exception as exc:  # noqa: BLE001 - reported through the job
+                self.update(job, state="failed", error=str(exc), message="failed")
+            else:
+                self.update(job, state="done", progress=1.0, result=result, message="done")
+
+        try:
+            queue.call(run)
+        except Exception as exc:
+            self.update(job, state="failed", error=str(exc), message="not started")
+            raise
+        return job

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segapp.errors import InputError
-from segapp.images import check_instruction, load_image, to_rgb_array
+from segapp.images import as_rgb, check_instruction
+from segapp.jsonable import as_dict
 from segapp.scheduler import Job, JobTable, ModelQueue
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from segapp.predictor import ImageCache, MaskResult, Prepared, Result, Segmenter
 
 CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]{0,47})>")  # how an instruction names a concept
-MAX_SHOTS = 5
 Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
@@ -150,18 +150,7 @@ class Service:
     # ---- segment ---------------------------------------------------------------------------
     def image_array(self, image: Any) -> np.ndarray:
         """Encoded bytes, a path, a PIL image or an array -> H x W x 3 uint8 (size checked)."""
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return load_image(bytes(image), max_pixels=self.config.max_pixels)
-        if isinstance(image, (str, Path)):
-            return load_image(image, max_pixels=self.config.max_pixels)
-        rgb = to_rgb_array(image)
-        height, width = rgb.shape[:2]
-        if height * width > self.config.max_pixels:
-            raise InputError(
-                f"image too large: {width}x{height} pixels, limit is {self.config.max_pixels}",
-                "image",
-            )
-        return rgb
+        return as_rgb(image, max_pixels=self.config.max_pixels)
 
     def submit_segment(self, image: Any, instruction: str, *, user: str | None = None) -> Future:
         """Check and decode the input here, queue the model work; Future[Result].
@@ -249,20 +238,13 @@ class Service:
         points: (x, y, label) in original image pixels, label 1 = positive, 0 = negative.
         mask_index None (or an answer without masks): the points alone prompt SAM.
         """
+        from segapp.refine import check_points
+
         text = check_instruction(instruction)
-        if not points:
-            raise InputError("no points: click on the image to add some", "points")
-        for *_, label in points:
-            if label not in (0, 1):
-                raise InputError(f"point label must be 0 or 1, got {label}", "points")
+        check_points(points)
         rgb = self.image_array(image)
+        check_points(points, size=rgb.shape[:2])
         prepared = self.segmenter.prepare(rgb)
-        height, width = rgb.shape[:2]
-        for x, y, _ in points:
-            if not (0 <= x < width and 0 <= y < height):
-                raise InputError(
-                    f"point ({x}, {y}) is outside the {width}x{height} image", "points"
-                )
         req = SegmentRequest(rgb, prepared, text, None)
         future = self.queue.call(lambda: self._refine(req, points, mask_index))
         return future.result(timeout=self.config.request_timeout_s)
@@ -308,7 +290,8 @@ class Service:
         validate_slug(user, "user")
         validate_slug(name, "name")
         shots = self._shots(images, masks)
-        return self._start_job(
+        return self.jobs.start(
+            self.queue,
             "personalize",
             user,
             lambda progress: self._fit(user, name, shots, steps, method, progress),
@@ -317,26 +300,17 @@ class Service:
     def _shots(
         self, images: Sequence[Any], masks: Sequence[Any]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if not 1 <= len(images) <= MAX_SHOTS:
-            raise InputError(f"give 1 to {MAX_SHOTS} example images, got {len(images)}", "images")
-        if len(masks) != len(images):
-            raise InputError(f"{len(images)} images but {len(masks)} masks", "masks")
+        """Decode shots (bytes, paths, PIL or arrays) and check them before any model work."""
+        from segapp.personalize.fit import MAX_SHOTS, check_shots
+
+        if not 1 <= len(images) <= MAX_SHOTS:  # before decoding a flood of images
+            raise InputError(f"give 1 to {MAX_SHOTS} shots, got {len(images)}", "images")
         rgbs = [self.image_array(im) for im in images]
-        bools = []
-        for i, (rgb, mask) in enumerate(zip(rgbs, masks, strict=True)):
-            m = self.image_array(mask) if not isinstance(mask, np.ndarray) else mask
-            m = np.asarray(m)
-            m = m.max(axis=2) > 127 if m.ndim == 3 else m > (127 if m.dtype == np.uint8 else 0)
-            if m.shape != rgb.shape[:2]:
-                raise InputError(
-                    f"mask {i + 1} is {m.shape[1]}x{m.shape[0]}, its image is "
-                    f"{rgb.shape[1]}x{rgb.shape[0]}",
-                    "masks",
-                )
-            if not m.any():
-                raise InputError(f"mask {i + 1} is empty: paint the object", "masks")
-            bools.append(m)
-        return rgbs, bools
+        bools = [
+            _mask_array(m if isinstance(m, np.ndarray) else self.image_array(m)) for m in masks
+        ]
+        shots = check_shots(rgbs, bools)
+        return [img for img, _ in shots], [m for _, m in shots]
 
     def _fit(
         self,
@@ -362,7 +336,7 @@ class Service:
             progress=progress,
         )
         self._forget_adapter(user, name)
-        return _as_dict(info)
+        return as_dict(info)
 
     def _forget_adapter(self, user: str, name: str) -> None:
         """A refitted or deleted concept must not be served from the loaded-adapter cache."""
@@ -372,7 +346,7 @@ class Service:
 
     def concepts(self, user: str) -> list[dict[str, Any]]:
         """The user's concepts (only theirs)."""
-        return [_as_dict(info) for info in self.concept_store.list(user)]
+        return [as_dict(info) for info in self.concept_store.list(user)]
 
     def delete_concept(self, user: str, name: str) -> None:
         """Delete one of the user's concepts; InputError if they have no such concept."""
@@ -410,7 +384,8 @@ class Service:
         prune: float | None = None,
     ) -> Job:
         text = check_instruction(instruction)
-        return self._start_job(
+        return self.jobs.start(
+            self.queue,
             "video",
             user,
             lambda progress: self._video(video, text, out_dir, merge, prune, progress),
@@ -430,7 +405,7 @@ class Service:
         result = VideoSegmenter(self.bundle).run(
             video, text, out_dir, merge=merge, prune=prune, progress=progress
         )
-        return _as_dict(result)
+        return as_dict(result)
 
     # ---- batch -----------------------------------------------------------------------------
     def batch(self, input_dir: Path, instruction: str, out_dir: Path, **job: Any) -> Any:
@@ -466,52 +441,13 @@ class Service:
             return pack_folder(Path(tmp) / "out")
 
     # ---- jobs ------------------------------------------------------------------------------
-    def _start_job(self, kind: str, user: str, work: Callable[[Progress], dict[str, Any]]) -> Job:
-        job = self.jobs.create(kind, user)
-
-        def progress(fraction: float, message: str) -> None:
-            self.jobs.update(job, progress=float(min(max(fraction, 0.0), 1.0)), message=message)
-
-        def run() -> None:
-            self.jobs.update(job, state="running", message="started")
-            try:
-                result = work(progress)
-            except Exception as exc:  # noqa: BLE001 - reported through the job
-                self.jobs.update(job, state="failed", error=str(exc), message="failed")
-            else:
-                self.jobs.update(job, state="done", progress=1.0, result=result, message="done")
-
-        try:
-            self.queue.call(run)
-        except Exception as exc:
-            self.jobs.update(job, state="failed", error=str(exc), message="not started")
-            raise
-        return job
-
     def job(self, job_id: str, user: str) -> Job:
         return self.jobs.get(job_id, user)
 
 
-def _as_dict(value: Any) -> dict[str, Any]:
-    """A dataclass (ConceptInfo, VideoResult) or object as a JSON-ready dict."""
-    import dataclasses
-
-    if hasattr(value, "to_dict"):
-        return dict(value.to_dict())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        raw = dataclasses.asdict(value)
-    else:
-        raw = dict(vars(value))
-    return {k: _jsonable(v) for k, v in raw.items() if not isinstance(v, np.ndarray)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
+def _mask_array(mask: np.ndarray) -> np.ndarray:
+    """A painted or loaded mask -> H x W bool: any channel above half (soft brush edges count)."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return m > (127 if m.dtype == np.uint8 else 0)
