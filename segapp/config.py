@@ -174,6 +174,11 @@ class TrainConfig:
         "share of joint-stage steps that add a synthetic video sample's loss (segapp.video."
         "training); 0 = image-only training",
     )
+    video_pointer: bool = _f(
+        False,
+        "video samples also train the [SEG] pointer on each LLM frame and prompt SAM with its "
+        "point track (as `segapp video` does with a pointer model)",
+    )
     threads: int = _f(0, "torch CPU threads; 0 = all cores (set it lower on a busy machine)")
     workers: int = _f(1, "data-generating worker processes")
     checkpoint_every: int = _f(250, "steps between resumable checkpoints")

@@ -38,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "target_weight",
             "answer_order",
             "probe_swap",
+            "video_pointer",
         )
     }
     if args.init_from and args.sam_warmup_steps is None:
@@ -160,6 +161,13 @@ def add_train_command(sub: Any) -> None:
         type=float,
         help="share of scenes the object probe also reads with colour channels reordered "
         "(default 0)",
+    )
+    t.add_argument(
+        "--video-pointer",
+        action="store_true",
+        default=None,
+        help="video samples also train the [SEG] pointer per frame and prompt SAM with its "
+        "point track, as `segapp video` does",
     )
     t.add_argument(
         "--vision-stem",

@@ -16,7 +16,8 @@ from segapp.errors import InputError
 from segapp.export import rle_to_mask
 from segapp.video.io import iter_frames, probe_video
 from segapp.video.sampling import sample_frames
-from segapp.video.ttm import keep_count, retained_fraction, temporal_token_merge
+from segapp.video.tracks import pointer_grid
+from segapp.video.ttm import fill_merged, keep_count, retained_fraction, temporal_token_merge
 
 
 # ---- TTM on hand-made tensors -------------------------------------------------------------
@@ -92,6 +93,42 @@ def test_k_zero_keeps_everything_in_order_and_positions_are_flat() -> None:
     assert retained_fraction(0.7) == pytest.approx(0.475)
     with pytest.raises(ValueError):
         temporal_token_merge(tokens, 1.5)
+
+
+def test_dropped_tokens_inherit_their_reference_value() -> None:
+    n, k = 4, 0.75  # the frames of the pairs test: each compared frame keeps one token
+    base = torch.eye(n)
+    frames = base.repeat(5, 1, 1)
+    frames[1, 2] = -base[2]
+    frames[2, 1] = -base[1]
+    frames[3] = frames[2].clone()
+    frames[3, 3] = -base[3]
+    merged = temporal_token_merge(frames, k)
+    values = torch.full((5, n), -1.0)
+    values[merged.index[:, 0], merged.index[:, 1]] = torch.arange(len(merged.tokens)).float()
+    kept = values >= 0
+    filled = fill_merged(values, kept)
+    assert torch.equal(filled[kept], values[kept])  # kept tokens keep their own value
+    # f1 and f2 take f0's, f3 takes f2's (itself partly f0's); frame 4 starts a new window
+    assert filled[1].tolist() == [0, 1, 4, 3]
+    assert filled[2].tolist() == [0, 5, 2, 3]
+    assert filled[3].tolist() == [0, 5, 2, 6]
+    assert filled[4].tolist() == [7, 8, 9, 10]
+    # the pointer's per-frame grid is the same fill, per [SEG] (here two)
+    scores = torch.stack([torch.arange(11.0), -torch.arange(11.0)])
+    grid = pointer_grid(scores, merged.index, 5, n)
+    assert torch.equal(grid[0], filled) and torch.equal(grid[1], -filled)
+
+
+def test_point_track_interpolates_between_llm_frames() -> None:
+    from segapp.video.tracks import PointTrack
+
+    points = torch.tensor([[[0.0, 0.0], [10.0, 20.0], [10.0, 20.0]]])  # M=1 x T=3 x 2
+    track = PointTrack([2, 6, 10], points)
+    assert track.at(0).tolist() == [[0.0, 0.0]] and track.at(2).tolist() == [[0.0, 0.0]]
+    assert track.at(4).tolist() == [[5.0, 10.0]]
+    assert track.at(8).tolist() == [[10.0, 20.0]] and track.at(15).tolist() == [[10.0, 20.0]]
+    assert PointTrack([3], points[:, :1]).at(9).tolist() == [[0.0, 0.0]]
 
 
 # ---- sampling and decoding ----------------------------------------------------------------
@@ -327,3 +364,14 @@ def test_video_training_sample_gives_finite_losses_and_gradients(random_model_di
     assert torch.isfinite(terms["video_total"])
     grad = b.model.projector[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
+    # with --video-pointer: the pointer learns on every LLM frame and SAM gets its point track
+    b.model.zero_grad()
+    terms = video_losses(b.model, sample, b.chat, b.config, TrainConfig(video_pointer=True))
+    assert torch.isfinite(terms["video_pointer"]) and terms["video_pointer"] > 0
+    terms["video_total"].backward()
+    assert b.model.seg_pointer is not None
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in b.model.seg_pointer.parameters()
+    )
+    assert sample.vision_cover is not None and sample.vision_cover.shape == (4, 64)
+    assert len(sample.frames) == 4 and len(sample.sam_frames) == 2

@@ -34,6 +34,7 @@ from segapp.predictor import mask_labels
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, VideoWriter, iter_frames, probe_video
 from segapp.video.sampling import FrameSample, sample_frames
+from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
 from segapp.video.ttm import keep_count, temporal_token_merge
 
 Progress = Callable[[float, str], None]
@@ -50,6 +51,13 @@ class VideoOptions:
     sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'sparse-dense'"})
     max_new_tokens: int = field(default=48, metadata={"help": "answer length limit"})
     prune_layer: int = field(default=3, metadata={"help": "DyCoke stage-2 layer L"})
+    point_tracks: bool = field(
+        default=True,
+        metadata={
+            "help": "with a [SEG] pointer: add SAM's point token where [SEG] points on each LLM "
+            "frame (interpolated between them) to the [SEG] prompt"
+        },
+    )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder call"})
     overlay_max_side: int = field(default=1280, metadata={"help": "overlay video size limit"})
     max_pixels: int = field(default=MAX_FRAME_PIXELS, metadata={"help": "largest frame"})
@@ -84,6 +92,7 @@ class VideoAnswer:
     prompts: torch.Tensor  # M x 1 x D sparse prompt embeddings
     labels: list[str]
     stats: dict[str, Any]
+    track: PointTrack | None = None  # where each [SEG] points on the LLM's frames
 
 
 @dataclass
@@ -218,13 +227,17 @@ class VideoSegmenter:
             kv_prune=kv,
         )
         answer = chat.decode(gen.token_ids)
-        # One-Token-Seg-All: the [SEG] prompt alone goes to every frame (a pointer's point is
-        # a location in one frame, wrong once the object moves), so no image hidden states here
+        # One-Token-Seg-All: the same [SEG] prompt goes to every frame; the pointer's point (a
+        # location in one frame) follows the object as a track over the LLM's frames
         prompts = (
             self.model.seg_prompts(gen.seg_hidden)
             if len(gen.seg_hidden)
             else gen.seg_hidden.new_zeros(0, 1, self.bundle.config.prompt_dim)
         )
+        track = None
+        if self.options.point_tracks and len(gen.seg_hidden) and gen.image_hidden is not None:
+            index = merged.index.cpu() if merge is not None else all_tokens(t, n)
+            track = self._track(gen.seg_hidden, gen.image_hidden[s:], index, frames.sample.dense)
         stats = {
             "merge": merge,
             "prune": prune,
@@ -240,7 +253,23 @@ class VideoSegmenter:
             "kv_refreshes": gen.kv_refreshes,
             "kv_cache_bytes": gen.kv_cache_bytes,
         }
-        return VideoAnswer(text, answer, prompts, mask_labels(answer, len(prompts)), stats)
+        labels = mask_labels(answer, len(prompts))
+        return VideoAnswer(text, answer, prompts, labels, stats, track)
+
+    def _track(
+        self,
+        seg_hidden: torch.Tensor,
+        image_hidden: torch.Tensor,
+        index: torch.Tensor,
+        dense: tuple[int, ...],
+    ) -> PointTrack:
+        """The pointer's best patch on every LLM frame, as SAM points."""
+        pointer = self.model.seg_pointer
+        assert pointer is not None
+        t, n = len(dense), self.model.image_grid_tokens
+        grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
+        centres = self.model.patch_centres(n, self.model.vision_size)
+        return PointTrack(list(dense), centres[grid.argmax(-1)])  # M x T x 2
 
     # ---- pass 2: every frame through SAM -----------------------------------------------------
     @torch.inference_mode()
@@ -277,7 +306,11 @@ class VideoSegmenter:
         if not len(answer.prompts):
             return np.zeros((0, h, w), bool), []
         size = self.model.sam.image_encoder.img_size
-        low, iou = self.model.decode_masks(frame.embedding, answer.prompts)
+        prompts = answer.prompts
+        if answer.track is not None:
+            points = answer.track.at(frame.index).to(self.device)
+            prompts = torch.cat([prompts, self.model.point_token(points).to(prompts.dtype)], 1)
+        low, iou = self.model.decode_masks(frame.embedding, prompts)
         logits = postprocess_logits(low, frame.input_size, (h, w), size)
         return (logits > 0).cpu().numpy(), iou[:, 0].float().clamp(0, 1).cpu().tolist()
 

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
+from segapp.data.batches import patch_cover
 from segapp.data.queries import in_order
 from segapp.data.videos import generate_clip
 from segapp.modeling.losses import bce_loss, dice_loss, text_loss
+from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
+from segapp.train_losses import pointer_choice
 from segapp.video.sampling import sample_frames
+from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
 from segapp.video.ttm import temporal_token_merge
 
 MERGES: tuple[float | None, ...] = (None, 0.5, 0.7)  # TTM ratios a video sample is read with
@@ -36,6 +41,9 @@ class VideoSample:
     instruction: str
     answer: str
     merge: float | None
+    frames: tuple[int, ...] = ()  # the video frames of vision_pixels
+    sam_frames: tuple[int, ...] = ()  # the video frames of sam_pixels
+    vision_cover: torch.Tensor | None = None  # T x N share of each LLM token the target covers
 
 
 def is_video_step(step: int, fraction: float) -> bool:
@@ -61,7 +69,19 @@ def make_video_sample(
     masks = mask_tensor(clip.masks[chosen], cfg.sam_image_size)
     merge = MERGES[int(rng.integers(len(MERGES)))]
     answer = in_order(clip.answer, answer_order)
-    return VideoSample(vis, sam, masks, clip.instruction, answer, merge)
+    grid = cfg.vision_image_size // cfg.vision_patch // cfg.vision_merge
+    cover = patch_cover(clip.masks[list(picks)], grid)
+    return VideoSample(
+        vis,
+        sam,
+        masks,
+        clip.instruction,
+        answer,
+        merge,
+        tuple(int(i) for i in picks),
+        tuple(int(i) for i in chosen),
+        cover,
+    )
 
 
 def video_losses(
@@ -73,11 +93,11 @@ def video_losses(
     tokens = model.project(feats[:, 1:], cfg.vision_image_size)  # T x N x H
     t, n, _ = tokens.shape
     if sample.merge is None:
-        visual, offsets = tokens.reshape(t * n, -1), torch.arange(t * n)
+        visual, offsets, index = tokens.reshape(t * n, -1), torch.arange(t * n), all_tokens(t, n)
     else:
         merged = temporal_token_merge(tokens.detach(), sample.merge)
         visual = tokens[merged.index[:, 0], merged.index[:, 1]]  # gradients flow to kept tokens
-        offsets = merged.flat_positions.cpu()
+        offsets, index = merged.flat_positions.cpu(), merged.index.cpu()
     vchat = dataclasses.replace(chat, image_tokens=len(visual))
     prompt, answer = vchat.prompt_ids(sample.instruction), vchat.answer_ids(sample.answer)
     ids = torch.tensor([prompt + answer], device=device)
@@ -97,12 +117,22 @@ def video_losses(
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
     if hidden.shape[0]:
-        prompts = model.seg_prompts(hidden[:1])  # one target per clip; no pointer in video
+        prompts = model.seg_prompts(hidden[:1])  # one target per clip
+        track = None
+        if tcfg.video_pointer and model.seg_pointer is not None:
+            track, terms["video_pointer"] = _pointer_track(
+                model, hidden[:1], out, ids, index, sample, tcfg
+            )
+            total = total + tcfg.pointer_weight * terms["video_pointer"]
         emb = model.encode_sam(sample.sam_pixels.to(device))
         size = model.sam.image_encoder.img_size
         logits = []
         for f in range(emb.shape[0]):  # One-Token-Seg-All: the same prompt on every frame
-            low, _ = model.decode_masks(emb[f : f + 1], prompts)
+            frame_prompts = prompts
+            if track is not None:  # with the pointer's point on this frame, as `segapp video`
+                point = model.point_token(track.at(sample.sam_frames[f]))
+                frame_prompts = torch.cat([prompts, point.to(prompts.dtype)], 1)
+            low, _ = model.decode_masks(emb[f : f + 1], frame_prompts)
             logits.append(F.interpolate(low, (size, size), mode="bilinear")[:, 0])
         pred = torch.cat(logits)
         target = sample.sam_masks.to(device)
@@ -113,3 +143,28 @@ def video_losses(
         )
     terms["video_total"] = total
     return terms
+
+
+def _pointer_track(
+    model: SegLLM,
+    hidden: torch.Tensor,
+    out: Any,
+    ids: torch.Tensor,
+    index: torch.Tensor,
+    sample: VideoSample,
+    tcfg: TrainConfig,
+) -> tuple[PointTrack, torch.Tensor]:
+    """The `[SEG]` pointer on every LLM frame: its loss against the target's cover per frame
+    (a frame without the target adds nothing) and the point track SAM is prompted with
+    (`pointer_teacher` of the frames on the target, else where the pointer points)."""
+    assert model.seg_pointer is not None and sample.vision_cover is not None
+    slots = ids[0] == model.image_token_id
+    image_hidden = out.hidden_states[-1][0, slots]
+    t, n = sample.vision_cover.shape
+    scores = model.seg_pointer.scores(hidden, image_hidden)
+    grid = pointer_grid(scores, index, t, n)[0]  # T x N
+    cover = sample.vision_cover.to(grid.device)
+    loss = SegPointer.loss(grid, cover)
+    choice = pointer_choice(grid, cover, tcfg.pointer_teacher, None)
+    points = model.patch_centres(n, model.vision_size)[choice]
+    return PointTrack(list(sample.frames), points[None]), loss

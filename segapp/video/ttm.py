@@ -88,6 +88,22 @@ def temporal_token_merge(tokens: torch.Tensor, k: float, *, window: int = WINDOW
     return Merged(tokens[frames, cols], torch.stack([frames, cols], 1), n, t)
 
 
+def fill_merged(values: torch.Tensor, kept: torch.Tensor, *, window: int = WINDOW) -> torch.Tensor:
+    """Per-token values (T x N x ...) with every merged token's entry taken from its reference.
+
+    kept: T x N bool, the tokens TTM kept (their `values` are used as given). A dropped token
+    was "the same" as the token at its patch in the frame it was compared with, so it inherits
+    that token's value (f1 and f2 from f0, f3 from f2, which is complete by then).
+    """
+    out = values.clone()
+    for start in range(0, values.shape[0], window):
+        for cur, ref in sorted(PAIRS):
+            if start + cur < values.shape[0]:
+                dropped = ~kept[start + cur]
+                out[start + cur][dropped] = out[start + ref][dropped]
+    return out
+
+
 def retained_fraction(k: float) -> float:
     """(1 + 3 (1 - K)) / 4: the share of tokens a full window keeps (ignoring int rounding)."""
     return (1.0 + 3.0 * (1.0 - k)) / 4.0
