@@ -23,6 +23,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=4, help="frames the LLM sees in full (4)")
     p.add_argument("--sparse-frames", type=int, default=0, help="extra frames pooled to 1 token")
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
+    p.add_argument(
+        "--no-point-track",
+        action="store_true",
+        help="prompt SAM with the [SEG] embedding alone (no pointer point track)",
+    )
 
 
 def add_video_command(sub: Any) -> None:
@@ -50,7 +55,10 @@ def _options(args: argparse.Namespace) -> Any:
     from segapp.video.pipeline import VideoOptions
 
     return VideoOptions(
-        dense_frames=args.frames, sparse_frames=args.sparse_frames, sampling=args.sampling
+        dense_frames=args.frames,
+        sparse_frames=args.sparse_frames,
+        sampling=args.sampling,
+        point_tracks=not args.no_point_track,
     )
 
 
