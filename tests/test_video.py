@@ -278,6 +278,26 @@ def test_merged_equals_unmerged_at_k0(bundle, clip_dir) -> None:
     assert pruned.stats["prefill_s"] > 0 and pruned.stats["kv_refreshes"] >= 1
 
 
+def test_point_track_follows_every_llm_frame_and_joins_the_prompt(bundle, clip_dir) -> None:
+    from segapp.video.pipeline import VideoOptions, VideoSegmenter
+
+    seg = VideoSegmenter(bundle, VideoOptions(point_tracks=True))
+    tokens = seg.encode_frames(clip_dir)
+    a = seg.reason(tokens, "the shape that grows", merge=None)
+    b = seg.reason(tokens, "the shape that grows", merge=0.0)
+    assert a.track is not None and b.track is not None and len(a.prompts) >= 1
+    assert a.track.frames == list(tokens.sample.dense)
+    assert a.track.points.shape == (len(a.prompts), len(tokens.sample.dense), 2)
+    assert torch.equal(a.track.points, b.track.points)  # K=0 merging changes nothing
+    side = bundle.model.sam.image_encoder.img_size
+    assert ((a.track.points >= 0) & (a.track.points < side)).all()
+    merged = seg.reason(tokens, "the shape that grows", merge=0.7)
+    assert merged.track is not None and merged.track.points.shape == a.track.points.shape
+    frame = next(iter(seg.iter_sam(clip_dir)))
+    masks, scores = seg.frame_masks(frame, a)
+    assert masks.shape[0] == len(a.prompts) == len(scores)
+
+
 def test_run_writes_masks_overlay_and_rle_for_every_frame(bundle, clip_dir, tmp_path) -> None:
     from segapp.video import VideoSegmenter
 

@@ -28,7 +28,7 @@ sits whole in memory. A first pass encodes only the frames the LLM sees (`sample
 uniform or sparse-dense); their vision tokens go through DyCoke's temporal token merging
 (`segapp.video.ttm.temporal_token_merge`), the LLM answers once, and each `[SEG]` embedding is
 used as SAM's sparse prompt on every frame of a second streaming pass (One-Token-Seg-All),
-with, for a model with a `[SEG]` pointer, a point where it points (`segapp.video.tracks`).
+optionally with a point where a `[SEG]` pointer points (`segapp.video.tracks`).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparse-frames", type=int, default=0, help="extra frames pooled to 1 token")
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
     p.add_argument(
-        "--no-point-track",
+        "--point-track",
         action="store_true",
-        help="prompt SAM with the [SEG] embedding alone (no pointer point track)",
+        help="add the [SEG] pointer's point track to the [SEG] prompt (models with a pointer)",
     )
 
 
@@ -58,7 +58,7 @@ def _options(args: argparse.Namespace) -> Any:
         dense_frames=args.frames,
         sparse_frames=args.sparse_frames,
         sampling=args.sampling,
-        point_tracks=not args.no_point_track,
+        point_tracks=args.point_track,
     )
 
 

@@ -52,10 +52,11 @@ class VideoOptions:
     max_new_tokens: int = field(default=48, metadata={"help": "answer length limit"})
     prune_layer: int = field(default=3, metadata={"help": "DyCoke stage-2 layer L"})
     point_tracks: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "with a [SEG] pointer: add SAM's point token where [SEG] points on each LLM "
-            "frame (interpolated between them) to the [SEG] prompt"
+            "frame (interpolated between them) to the [SEG] prompt (off: the bundled tiny "
+            "model's pointer finds the video target too rarely, see its model card)"
         },
     )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder call"})
