@@ -174,6 +174,7 @@ class TrainConfig:
         "share of joint-stage steps that add a synthetic video sample's loss (segapp.video."
         "training); 0 = image-only training",
     )
+    video_clips: int = _f(1, "synthetic clips per video step (their losses averaged)")
     video_pointer: bool = _f(
         False,
         "video samples also train the [SEG] pointer on each LLM frame and prompt SAM with its "

@@ -204,10 +204,13 @@ def train(
             model, aux, batch, train_cfg, model_cfg, joint=joint, point_prompt=point_prompt
         )
         if joint and is_video_step(step, train_cfg.video_fraction):
-            sample = make_video_sample(
-                model_cfg, train_cfg.seed, step, answer_order=train_cfg.answer_order
-            )
-            video = video_losses(model, sample, chat, model_cfg, train_cfg)
+            clips = []
+            for clip in range(train_cfg.video_clips):
+                sample = make_video_sample(
+                    model_cfg, train_cfg.seed, step, clip=clip, answer_order=train_cfg.answer_order
+                )
+                clips.append(video_losses(model, sample, chat, model_cfg, train_cfg))
+            video = {k: torch.stack([c[k] for c in clips if k in c]).mean() for k in clips[0]}
             terms.update(video)
             terms["total"] = terms["total"] + video["video_total"]
         opt.zero_grad(set_to_none=True)

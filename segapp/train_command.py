@@ -39,8 +39,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             "answer_order",
             "probe_swap",
             "video_pointer",
+            "video_clips",
         )
     }
+    if args.video_clips is not None and args.video_clips < 1:
+        raise InputError(
+            f"--video-clips must be at least 1, got {args.video_clips}", "--video-clips"
+        )
     if args.init_from and args.sam_warmup_steps is None:
         changes["sam_warmup_steps"] = 0  # a loaded SAM is already trained
     tcfg = tcfg.replace(**{k: v for k, v in changes.items() if v is not None})
@@ -162,6 +167,7 @@ def add_train_command(sub: Any) -> None:
         help="share of scenes the object probe also reads with colour channels reordered "
         "(default 0)",
     )
+    t.add_argument("--video-clips", type=int, help="synthetic clips per video step (default 1)")
     t.add_argument(
         "--video-pointer",
         action="store_true",

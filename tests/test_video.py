@@ -395,3 +395,22 @@ def test_video_training_sample_gives_finite_losses_and_gradients(random_model_di
     )
     assert sample.vision_cover is not None and sample.vision_cover.shape == (4, 64)
     assert len(sample.frames) == 4 and len(sample.sam_frames) == 2
+
+
+def test_extra_video_clips_of_a_step_are_new_clips(random_model_dir) -> None:
+    from segapp.build import load_model
+    from segapp.video.training import make_video_sample
+
+    cfg = load_model(str(random_model_dir)).config
+    first = make_video_sample(cfg, seed=0, step=5)
+    again = make_video_sample(cfg, seed=0, step=5, clip=0)
+    other = make_video_sample(cfg, seed=0, step=5, clip=1)
+    assert torch.equal(first.vision_pixels, again.vision_pixels)  # clip 0: the one-clip stream
+    assert not torch.equal(first.vision_pixels, other.vision_pixels)
+
+
+def test_train_refuses_zero_video_clips(tmp_path, capsys) -> None:
+    from segapp.cli import run
+
+    assert run(["train", "--out", str(tmp_path / "v"), "--video-clips", "0"]) == 2
+    assert "--video-clips must be at least 1" in capsys.readouterr().err

@@ -56,11 +56,13 @@ def make_video_sample(
     seed: int,
     step: int,
     *,
+    clip: int = 0,
     dense: int = 4,
     sam_frames: int = 2,
     answer_order: str = "seg_first",
 ) -> VideoSample:
-    rng = np.random.default_rng([seed, step, 11])
+    # clip 0 keeps the stream of the one-clip recipe; further clips of a step get their own
+    rng = np.random.default_rng([seed, step, 11] + ([clip] if clip else []))
     clip = generate_clip("train", int(rng.integers(2**31)))
     picks = sample_frames(len(clip.frames), dense=dense).dense
     vis = torch.stack([vision_tensor(clip.frames[i], cfg.vision_image_size)[0] for i in picks])
