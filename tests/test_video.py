@@ -403,8 +403,8 @@ def test_extra_video_clips_of_a_step_are_new_clips(random_model_dir) -> None:
 
     cfg = load_model(str(random_model_dir)).config
     first = make_video_sample(cfg, seed=0, step=5)
-    again = make_video_sample(cfg, seed=0, step=5, clip=0)
-    other = make_video_sample(cfg, seed=0, step=5, clip=1)
+    again = make_video_sample(cfg, seed=0, step=5, extra=0)
+    other = make_video_sample(cfg, seed=0, step=5, extra=1)
     assert torch.equal(first.vision_pixels, again.vision_pixels)  # clip 0: the one-clip stream
     assert not torch.equal(first.vision_pixels, other.vision_pixels)
 

@@ -56,13 +56,14 @@ def make_video_sample(
     seed: int,
     step: int,
     *,
-    clip: int = 0,
+    extra: int = 0,
     dense: int = 4,
     sam_frames: int = 2,
     answer_order: str = "seg_first",
 ) -> VideoSample:
-    # clip 0 keeps the stream of the one-clip recipe; further clips of a step get their own
-    rng = np.random.default_rng([seed, step, 11] + ([clip] if clip else []))
+    """Clip `extra` of joint step `step` (extra 0: the clip of the one-clip recipe, the same
+    stream as before several clips per step existed; each further one draws its own)."""
+    rng = np.random.default_rng([seed, step, 11] + ([extra] if extra else []))
     clip = generate_clip("train", int(rng.integers(2**31)))
     picks = sample_frames(len(clip.frames), dense=dense).dense
     vis = torch.stack([vision_tensor(clip.frames[i], cfg.vision_image_size)[0] for i in picks])
