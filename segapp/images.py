@@ -161,6 +161,14 @@ def as_rgb(image: Any, *, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
     return rgb
 
 
+def mask_from_array(mask: np.ndarray) -> np.ndarray:
+    """A painted or loaded mask -> H x W bool: any channel above half (soft brush edges count)."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return m > (127 if m.dtype == np.uint8 else 0)
+
+
 def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
     """Normalise an array or PIL image to ``H x W x 3`` uint8 RGB.
 

@@ -44,6 +44,18 @@ class Placement:
         return torch.float32 if self.quantize else self.dtype
 
 
+def auto_placement(device: str, precision: str | None) -> tuple[str, str | None]:
+    """Resolve "auto" device / precision for this machine."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        if device.startswith("cuda"):
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = None  # the weights' own dtype
+    return device, precision
+
+
 def resolve_placement(
     device: str = "cpu",
     precision: str | None = None,

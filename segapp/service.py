@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segapp.errors import InputError
-from segapp.images import as_rgb, check_instruction
+from segapp.images import as_rgb, check_instruction, mask_from_array
 from segapp.jsonable import as_dict
 from segapp.scheduler import Job, JobTable, ModelQueue
 
@@ -49,20 +49,6 @@ class ServiceConfig:
     image_cache: int = 8  # encoded images kept for repeated requests (point refinement)
     concepts_root: Path | None = None  # per-user adapters; default <weights>/adapters
     request_timeout_s: float = 300.0  # a segment call waits at most this long
-
-
-def best_placement(device: str, precision: str | None) -> tuple[str, str | None]:
-    """Resolve "auto" device / precision for this machine."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        if device.startswith("cuda"):
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = None  # the weights' own dtype
-    return device, precision
 
 
 @dataclass
@@ -99,8 +85,9 @@ class Service:
             with self._load_lock:
                 if self._bundle is None:
                     from segapp.build import LoadOptions, load_model
+                    from segapp.precision import auto_placement
 
-                    device, precision = best_placement(self.config.device, self.config.precision)
+                    device, precision = auto_placement(self.config.device, self.config.precision)
                     self._bundle = load_model(
                         self.config.model, device=device, options=LoadOptions(precision=precision)
                     )
@@ -307,7 +294,7 @@ class Service:
             raise InputError(f"give 1 to {MAX_SHOTS} shots, got {len(images)}", "images")
         rgbs = [self.image_array(im) for im in images]
         bools = [
-            _mask_array(m if isinstance(m, np.ndarray) else self.image_array(m)) for m in masks
+            mask_from_array(m if isinstance(m, np.ndarray) else self.image_array(m)) for m in masks
         ]
         shots = check_shots(rgbs, bools)
         return [img for img, _ in shots], [m for _, m in shots]
@@ -443,11 +430,3 @@ class Service:
     # ---- jobs ------------------------------------------------------------------------------
     def job(self, job_id: str, user: str) -> Job:
         return self.jobs.get(job_id, user)
-
-
-def _mask_array(mask: np.ndarray) -> np.ndarray:
-    """A painted or loaded mask -> H x W bool: any channel above half (soft brush edges count)."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    return m > (127 if m.dtype == np.uint8 else 0)

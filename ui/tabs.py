@@ -12,6 +12,7 @@ import numpy as np
 
 from segapp.client import Client
 from segapp.export import overlay
+from segapp.images import mask_from_array
 from ui.widgets import downloads, draw, examples, fail, image_input, mask_table, wait_job
 
 
@@ -132,8 +133,7 @@ def personalize_tab(client: Client, user: gr.Textbox, demo: gr.Blocks) -> None:
             raise gr.Error("upload an example image into the editor first")
         image = np.asarray(editor["background"])[..., :3].astype(np.uint8)
         if mask_upload is not None:
-            mask = np.asarray(mask_upload)
-            mask = (mask.max(axis=2) if mask.ndim == 3 else mask) > 127
+            mask = mask_from_array(mask_upload)
         else:
             painted = [np.asarray(layer) for layer in editor.get("layers") or []]
             mask = np.zeros(image.shape[:2], bool)

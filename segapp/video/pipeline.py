@@ -34,7 +34,7 @@ from segapp.predictor import mask_labels
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
 from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, VideoWriter, iter_frames, probe_video
 from segapp.video.sampling import FrameSample, sample_frames
-from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
+from segapp.video.tracks import PointTrack, all_tokens, point_track
 from segapp.video.ttm import keep_count, temporal_token_merge
 
 Progress = Callable[[float, str], None]
@@ -238,7 +238,9 @@ class VideoSegmenter:
         track = None
         if self.options.point_tracks and len(gen.seg_hidden) and gen.image_hidden is not None:
             index = merged.index.cpu() if merge is not None else all_tokens(t, n)
-            track = self._track(gen.seg_hidden, gen.image_hidden[s:], index, frames.sample.dense)
+            track = point_track(
+                self.model, gen.seg_hidden, gen.image_hidden[s:], index, frames.sample.dense
+            )
         stats = {
             "merge": merge,
             "prune": prune,
@@ -256,21 +258,6 @@ class VideoSegmenter:
         }
         labels = mask_labels(answer, len(prompts))
         return VideoAnswer(text, answer, prompts, labels, stats, track)
-
-    def _track(
-        self,
-        seg_hidden: torch.Tensor,
-        image_hidden: torch.Tensor,
-        index: torch.Tensor,
-        dense: tuple[int, ...],
-    ) -> PointTrack:
-        """The pointer's best patch on every LLM frame, as SAM points."""
-        pointer = self.model.seg_pointer
-        assert pointer is not None
-        t, n = len(dense), self.model.image_grid_tokens
-        grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
-        centres = self.model.patch_centres(n, self.model.vision_size)
-        return PointTrack(list(dense), centres[grid.argmax(-1)])  # M x T x 2
 
     # ---- pass 2: every frame through SAM -----------------------------------------------------
     @torch.inference_mode()

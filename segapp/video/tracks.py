@@ -8,11 +8,16 @@ there), and `PointTrack` turns each frame's best patch into SAM's point prompt o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from segapp.video.ttm import fill_merged
+
+if TYPE_CHECKING:
+    from segapp.modeling.segllm import SegLLM
 
 
 def all_tokens(t: int, n: int) -> torch.Tensor:
@@ -53,3 +58,20 @@ class PointTrack:
         j = next(i for i in range(1, len(f)) if f[i] >= frame)
         w = (frame - f[j - 1]) / (f[j] - f[j - 1])
         return (1 - w) * self.points[:, j - 1] + w * self.points[:, j]
+
+
+def point_track(
+    model: SegLLM,
+    seg_hidden: torch.Tensor,
+    image_hidden: torch.Tensor,
+    index: torch.Tensor,
+    frames: Sequence[int],
+) -> PointTrack:
+    """Each `[SEG]`'s best patch on every LLM frame (`frames`: their video frame numbers), as
+    SAM points. seg_hidden M x H; image_hidden V x H at (frame, patch) `index` (V x 2)."""
+    pointer = model.seg_pointer
+    assert pointer is not None
+    t, n = len(frames), model.image_grid_tokens
+    grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
+    centres = model.patch_centres(n, model.vision_size)
+    return PointTrack(list(frames), centres[grid.argmax(-1)])  # M x T x 2
