@@ -62,6 +62,11 @@ class ModelConfig:
         "checkpoints) or 'conv' (four 3 x 3 stride-2 convolutions: outlines, hence shapes, are "
         "learnt far sooner from scratch)",
     )
+    projector_norm: bool = _f(
+        False,
+        "LayerNorm on the projector output: image tokens keep the scale of text embeddings, so "
+        "the added patch-position term is not drowned by large vision features",
+    )
     # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
     projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
     vision_select_layer: int = _f(
@@ -120,6 +125,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "chat_format",
     "seg_pointer",
     "vision_stem",
+    "projector_norm",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

@@ -76,6 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.init_from:
             raise InputError("--vision-stem applies to a model built from scratch", "--vision-stem")
         model_cfg = model_cfg.replace(vision_stem=args.vision_stem)
+    if args.projector_norm:
+        if args.init_from:
+            raise InputError(
+                "--projector-norm applies to a model built from scratch", "--projector-norm"
+            )
+        model_cfg = model_cfg.replace(projector_norm=True)
     if args.chat_format:
         if args.init_from:
             raise InputError(
@@ -179,6 +185,12 @@ def add_train_command(sub: Any) -> None:
         "--vision-stem",
         choices=["patch", "conv"],
         help="vision tower input layer of a model built from scratch (default patch)",
+    )
+    t.add_argument(
+        "--projector-norm",
+        action="store_true",
+        help="LayerNorm on the projector output of a model built from scratch (image tokens "
+        "at text-embedding scale, so patch positions stay readable)",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)

@@ -189,3 +189,21 @@ def test_swapped_probe_reorders_colours_and_leaves_colour_unlabelled() -> None:
     attrs = torch.full((1, 2, 4), 1)
     attrs[..., 0] = -100
     assert torch.isfinite(probe(torch.randn(1, 5, 8), torch.rand(1, 2, 5), attrs))
+
+
+def test_projector_norm_puts_image_tokens_at_a_fixed_scale() -> None:
+    from segapp.modeling.builders import build_projector
+
+    cfg = MODEL_PRESETS["tiny"]
+    width = cfg.vision_hidden * cfg.vision_merge**2
+    feats = 50.0 * torch.randn(3, 16, width)
+    normed = build_projector(cfg.replace(projector_norm=True))(feats)
+    # LayerNorm with its initial affine: every token has norm sqrt(H), whatever the input scale
+    torch.testing.assert_close(
+        normed.norm(dim=-1), torch.full((3, 16), cfg.llm_hidden**0.5), rtol=1e-3, atol=1e-3
+    )
+    # the default keeps the bundled weights' layout (no extra key) and writes no config key
+    plain = build_projector(cfg)
+    assert set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert "projector_norm" not in cfg.to_dict()
+    assert cfg.replace(projector_norm=True).to_dict()["projector_norm"] is True

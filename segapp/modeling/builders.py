@@ -85,19 +85,25 @@ def build_vision_tower(cfg: ModelConfig) -> CLIPVisionModel:
 
 def build_projector(cfg: ModelConfig) -> nn.Module:
     """Vision width -> LLM width: LLaVA-1.5's two-layer MLP ('mlp2x_gelu', the tiny model's) or
-    LLaVA-v1's single Linear ('linear', what LISA's `mm_projector` is)."""
+    LLaVA-v1's single Linear ('linear', what LISA's `mm_projector` is); with projector_norm a
+    LayerNorm follows, so image tokens enter the LLM at a fixed scale."""
     width = cfg.vision_hidden * cfg.vision_merge**2
+    layers: list[nn.Module]
     if cfg.projector == "linear":
-        return nn.Linear(width, cfg.llm_hidden)
-    if cfg.projector != "mlp2x_gelu":
+        layers = [nn.Linear(width, cfg.llm_hidden)]
+    elif cfg.projector == "mlp2x_gelu":
+        layers = [
+            nn.Linear(width, cfg.llm_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
+        ]
+    else:
         from segapp.errors import ModelError
 
         raise ModelError(f"unknown projector {cfg.projector!r}", "ModelConfig.projector")
-    return nn.Sequential(
-        nn.Linear(width, cfg.llm_hidden),
-        nn.GELU(),
-        nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
-    )
+    if not cfg.projector_norm:
+        return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.LayerNorm(cfg.llm_hidden))
 
 
 def _rope(cfg: ModelConfig) -> dict[str, Any]:
