@@ -30,13 +30,10 @@ if TYPE_CHECKING:
 
 
 def pick_device(name: str) -> str:
-    import torch
+    """--device as a torch device name (precision.resolve_device; torch imported on use)."""
+    from segapp.precision import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no CUDA device is available", "--device")
-    return name
+    return resolve_device(name)
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:

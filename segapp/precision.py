@@ -44,10 +44,18 @@ class Placement:
         return torch.float32 if self.quantize else self.dtype
 
 
+def resolve_device(name: str) -> str:
+    """"auto" -> cuda when present, else cpu; a CUDA device this machine lacks is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no CUDA device is available", "--device")
+    return name
+
+
 def auto_placement(device: str, precision: str | None) -> tuple[str, str | None]:
     """Resolve "auto" device / precision for this machine."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if precision == "auto":
         if device.startswith("cuda"):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
