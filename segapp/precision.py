@@ -45,7 +45,7 @@ class Placement:
 
 
 def resolve_device(name: str) -> str:
-    """"auto" -> cuda when present, else cpu; a CUDA device this machine lacks is an error."""
+    """The auto rule (cuda when present, else cpu); a CUDA device this machine lacks is an error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

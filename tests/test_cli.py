@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segapp.cli import run
@@ -133,6 +134,25 @@ def test_unknown_model_lists_choices(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
     assert "nope" in lines[0] and "tiny" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_error(
+    random_model_dir: Path, tmp_path: Path, write_image, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segapp.errors import InputError
+    from segapp.service import Service, ServiceConfig
+
+    image = write_image(tmp_path / "a.png", _pattern())
+    args = [str(image), "x", "--model", str(random_model_dir), "--device", "cuda"]
+    code, _, err = _segment(args + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 2
+    line = _assert_one_line_error(err)
+    assert "CUDA" in line and line.endswith("(--device)")
+    # the service resolves its device by the same rule (no silent fall-back to the CPU)
+    service = Service(ServiceConfig(model=str(random_model_dir), device="cuda"))
+    with pytest.raises(InputError, match="no CUDA device"):
+        service.segment(_pattern(), "x")
 
 
 def test_unknown_model_error_names_where(
