@@ -72,24 +72,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.train or args.lora_r:
         raise InputError("--train and --lora-r apply to --init-from", "--train")
     model_cfg = MODEL_PRESETS[args.preset or "tiny"]
-    if args.vision_stem:
+    # architecture flags: a loaded model keeps the shape (and chat format) it was trained with
+    shape = {
+        "vision_stem": args.vision_stem,
+        "projector_norm": args.projector_norm or None,
+        "chat_format": args.chat_format,
+    }
+    for field, value in shape.items():
+        if value is None:
+            continue
         if args.init_from:
-            raise InputError("--vision-stem applies to a model built from scratch", "--vision-stem")
-        model_cfg = model_cfg.replace(vision_stem=args.vision_stem)
-    if args.projector_norm:
-        if args.init_from:
-            raise InputError(
-                "--projector-norm applies to a model built from scratch", "--projector-norm"
-            )
-        model_cfg = model_cfg.replace(projector_norm=True)
-    if args.chat_format:
-        if args.init_from:
-            raise InputError(
-                "--chat-format applies to a model built from scratch; a loaded model keeps the "
-                "format it was trained with",
-                "--chat-format",
-            )
-        model_cfg = model_cfg.replace(chat_format=args.chat_format)
+            flag = "--" + field.replace("_", "-")
+            raise InputError(f"{flag} applies to a model built from scratch, not --init-from", flag)
+        model_cfg = model_cfg.replace(**{field: value})
     last = train(
         Path(args.out),
         model_cfg=model_cfg,
