@@ -59,8 +59,9 @@ class ModelConfig:
     vision_stem: str = _f(
         "patch",
         "vision tower input layer: 'patch' (CLIP's one strided convolution, as in published "
-        "checkpoints) or 'conv' (four 3 x 3 stride-2 convolutions: outlines, hence shapes, are "
-        "learnt far sooner from scratch)",
+        "checkpoints), 'conv' (four 3 x 3 stride-2 convolutions: outlines, hence shapes, are "
+        "learnt far sooner from scratch) or 'conv4' (a 4 x 4 patchify convolution, then two "
+        "3 x 3 stride-2 ones: about a third of conv's cost)",
     )
     projector_norm: bool = _f(
         False,

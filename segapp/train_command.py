@@ -178,8 +178,9 @@ def add_train_command(sub: Any) -> None:
     )
     t.add_argument(
         "--vision-stem",
-        choices=["patch", "conv"],
-        help="vision tower input layer of a model built from scratch (default patch)",
+        choices=["patch", "conv", "conv4"],
+        help="vision tower input layer of a model built from scratch: patch (default), conv "
+        "(3 x 3 stride-2 convolutions) or conv4 (a 4 x 4 patchify layer, then conv's; ~3x cheaper)",
     )
     t.add_argument(
         "--projector-norm",

@@ -151,6 +151,15 @@ def test_conv_stem_keeps_the_token_grid_and_needs_a_power_of_two_patch() -> None
     assert isinstance(plain.embeddings.patch_embedding, torch.nn.Conv2d)
     with pytest.raises(ModelError, match="power-of-two patch"):
         ConvStem(14, 64)
+    with pytest.raises(ModelError, match="above its first stride"):
+        ConvStem(4, 64, patchify=4)
+    # conv4: a 4 x 4 patchify layer first, the same token grid, no full-resolution feature map
+    quick = build_vision_tower(cfg.replace(vision_stem="conv4"))
+    stem = quick.embeddings.patch_embedding
+    first = stem.net[0]
+    assert (first.kernel_size, first.stride) == ((4, 4), (4, 4))
+    assert len([m for m in stem.net if isinstance(m, torch.nn.Conv2d)]) == 3
+    assert quick(pixel_values=pixels).last_hidden_state.shape == (2, grid * grid + 1, 128)
     with pytest.raises(ModelError, match="unknown vision stem"):
         build_vision_tower(cfg.replace(vision_stem="fancy"))
     # a published-style config keeps CLIP's patch embedding and writes no vision_stem key
