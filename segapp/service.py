@@ -5,7 +5,8 @@ of it (segapp.scheduler), the per-user concept store and the long-running jobs. 
 requests that arrive together are decoded as one batch (`Segmenter.encode_batch` +
 `predict_batch`); an image's encoding and a query's decoding do not depend on the batch, so
 a request gets the same masks alone, in a crowd, from the CLI, over REST or from the UI.
-Personalization and video delegate to segapp.personalize and segapp.video (imported on use).
+Personalization and video delegate to segapp.personalize and segapp.video (imported on use);
+the video and folder jobs live in segapp.service_media.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,13 @@ from segapp.errors import InputError
 from segapp.images import as_rgb, check_instruction, mask_from_array
 from segapp.jsonable import as_dict
 from segapp.scheduler import Job, JobTable, ModelQueue
+from segapp.service_media import MediaJobs, Progress
 
 if TYPE_CHECKING:
     from segapp.build import Bundle
     from segapp.predictor import ImageCache, MaskResult, Prepared, Result, Segmenter
 
 CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]{0,47})>")  # how an instruction names a concept
-Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class SegmentRequest:
     user: str | None
 
 
-class Service:
-    """segment / refine / personalize / concepts / video / batch over one lazily loaded model."""
+class Service(MediaJobs):
+    """segment / refine / personalize / concepts / video / batch over one lazily loaded model
+    (video and batch: segapp.service_media)."""
 
     def __init__(self, config: ServiceConfig | None = None, *, bundle: Bundle | None = None):
         self.config = config or ServiceConfig()
@@ -343,89 +345,6 @@ class Service:
             self._forget_adapter(user, name)
 
         self.queue.call(delete).result(timeout=self.config.request_timeout_s)
-
-    # ---- video -----------------------------------------------------------------------------
-    def segment_video(
-        self,
-        video: Path,
-        instruction: str,
-        out_dir: Path,
-        *,
-        merge: float | None = 0.7,
-        prune: float | None = None,
-        progress: Progress | None = None,
-    ) -> dict[str, Any]:
-        """Segment every frame of `video` (see segapp.video); answer, files and token stats."""
-        text = check_instruction(instruction)
-        future = self.queue.call(lambda: self._video(video, text, out_dir, merge, prune, progress))
-        return future.result()
-
-    def start_video(
-        self,
-        user: str,
-        video: Path,
-        instruction: str,
-        out_dir: Path,
-        *,
-        merge: float | None = 0.7,
-        prune: float | None = None,
-    ) -> Job:
-        text = check_instruction(instruction)
-        return self.jobs.start(
-            self.queue,
-            "video",
-            user,
-            lambda progress: self._video(video, text, out_dir, merge, prune, progress),
-        )
-
-    def _video(
-        self,
-        video: Path,
-        text: str,
-        out_dir: Path,
-        merge: float | None,
-        prune: float | None,
-        progress: Progress | None,
-    ) -> dict[str, Any]:
-        from segapp.video import VideoSegmenter
-
-        result = VideoSegmenter(self.bundle).run(
-            video, text, out_dir, merge=merge, prune=prune, progress=progress
-        )
-        return as_dict(result)
-
-    # ---- batch -----------------------------------------------------------------------------
-    def batch(self, input_dir: Path, instruction: str, out_dir: Path, **job: Any) -> Any:
-        """`segapp batch` on this service's model (one model in memory); returns its Summary."""
-        from segapp.batch import BatchJob
-        from segapp.batch.runner import run_batch
-
-        spec = BatchJob(
-            input_dir=Path(input_dir),
-            out_dir=Path(out_dir),
-            prompt=check_instruction(instruction),
-            model=self.config.model,
-            max_pixels=self.config.max_pixels,
-            max_new_tokens=self.config.max_new_tokens,
-            progress=False,
-            **job,
-        )
-        future = self.queue.call(lambda: run_batch(spec, segmenter=self.segmenter))
-        return future.result()
-
-    def batch_zip(
-        self, data: bytes, instruction: str, *, formats: tuple[str, ...] = ("png", "coco")
-    ) -> bytes:
-        """A zip of images in, a zip of results out (masks/, coco.json, results.jsonl)."""
-        import tempfile
-
-        from segapp.archive import pack_folder, unpack_images
-
-        text = check_instruction(instruction)
-        with tempfile.TemporaryDirectory(prefix="segapp-batch-") as tmp:
-            unpack_images(data, Path(tmp) / "in")
-            self.batch(Path(tmp) / "in", text, Path(tmp) / "out", formats=formats)
-            return pack_folder(Path(tmp) / "out")
 
     # ---- jobs ------------------------------------------------------------------------------
     def job(self, job_id: str, user: str) -> Job:

@@ -5,27 +5,7 @@ Hugging Face layout (config.json, pytorch_model-0000k-of-0000n.bin + index, a LL
 `[SEG]`, `<im_start>`, `<im_end>` added). Its merge script leaves the CLIP tower out (the config
 names it: `mm_vision_tower` = openai/clip-vit-large-patch14), so the tower comes from its own
 folder. No LLaVA code is used: segapp builds its own SegLLM from the config and copies each
-stored tensor to the parameter this table names.
-
-Mapping (stored prefix -> SegLLM prefix, first match wins; `{clip}` is `vision_tower.` or, with
-transformers releases whose CLIPVisionModel nests a `vision_model`, `vision_tower.vision_model.`):
-
-| LISA checkpoint                              | SegLLM             | what                                   |
-|----------------------------------------------|--------------------|----------------------------------------|
-| model.visual_model.                          | sam.               | SAM ViT-H: image_encoder, prompt_encoder, mask_decoder (segment_anything names) |
-| model.text_hidden_fcs.0.                     | text_hidden_fcs.   | ModuleList[Sequential(Linear 0, ReLU, Linear 2, Dropout)] -> Sequential(0, ReLU, 2) |
-| model.mm_projector.                          | projector.         | LLaVA-v1: one Linear(mm_hidden_size, hidden_size) |
-| model.vision_tower.vision_tower.vision_model. | {clip}            | CLIP ViT-L/14 when stored inline (LISA's release leaves it out) |
-| model.                                       | llm.model.         | LLaMA: embed_tokens, layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm |
-| lm_head.                                     | llm.lm_head.       | LM head (tie_word_embeddings = false)  |
-| *.rotary_emb.inv_freq, *.position_ids        | (dropped)          | buffers older transformers saved; recomputed |
-
-CLIP tower folder (openai/clip-vit-large-patch14, a CLIPModel):
-
-| CLIP checkpoint                              | SegLLM             | what                                   |
-|----------------------------------------------|--------------------|----------------------------------------|
-| vision_model.                                | {clip}             | the vision half                        |
-| text_model., text_projection., visual_projection., logit_scale | (dropped) | the text half LLaVA does not use |
+stored tensor to the parameter that segapp.checkpoints.lisa_keys's table names.
 
 config.json fields read (LISA's own names): architectures, hidden_size, intermediate_size,
 num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size, max_position_embeddings,
@@ -45,9 +25,16 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from segapp.checkpoints.lisa_keys import (
+    CLIP_INLINE,
+    FCS_STORED,
+    SAM_STORED,
+    clip_rename,
+    lisa_rename,
+    stored_name,
+)
 from segapp.checkpoints.sam import infer_sam_fields, sam_source
 from segapp.checkpoints.state import (
-    Rename,
     Source,
     StoredTensors,
     index_checkpoint,
@@ -62,22 +49,6 @@ from segapp.tokenizer import SEG_TOKEN
 if TYPE_CHECKING:
     from segapp.build import Bundle
 
-CLIP = "{clip}"
-# (stored prefix, SegLLM prefix): the table above, in match order
-LISA_KEY_MAP: tuple[tuple[str, str], ...] = (
-    ("model.visual_model.", "sam."),
-    ("model.text_hidden_fcs.0.", "text_hidden_fcs."),
-    ("model.mm_projector.", "projector."),
-    ("model.vision_tower.vision_tower.vision_model.", CLIP),
-    ("model.", "llm.model."),
-    ("lm_head.", "llm.lm_head."),
-)
-CLIP_KEY_MAP: tuple[tuple[str, str], ...] = (("vision_model.", CLIP),)
-DROPPED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
-CLIP_DROPPED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
-SAM_STORED, FCS_STORED = "model.visual_model.", "model.text_hidden_fcs."
-CLIP_INLINE = "model.vision_tower.vision_tower.vision_model."
-UNMAPPED = "(unmapped) "  # never a module name
 ARCHITECTURES = ("LISAForCausalLM",)
 LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM",)  # loadable only to train a [SEG] head
 REQUIRED_FIELDS = (
@@ -99,46 +70,6 @@ def is_lisa_dir(directory: Path) -> bool:
         return False
     known = (*ARCHITECTURES, *LLAVA_ARCHITECTURES)
     return isinstance(data, dict) and any(a in known for a in data.get("architectures") or [])
-
-
-def _rename(table: tuple[tuple[str, str], ...], key: str, clip: str) -> str | None:
-    for stored, target in table:
-        if key.startswith(stored):
-            return target.replace(CLIP, clip) + key[len(stored) :]
-    return None
-
-
-def lisa_rename(clip: str, *, drop_sam: bool = False) -> Rename:
-    """Stored LISA name -> SegLLM name (None: dropped). A name no rule covers maps to no model
-    name at all, so the strict loader reports it as unexpected."""
-
-    def rename(key: str) -> str | None:
-        if key.endswith(DROPPED_SUFFIXES) or (drop_sam and key.startswith(SAM_STORED)):
-            return None
-        return _rename(LISA_KEY_MAP, key, clip) or UNMAPPED + key
-
-    return rename
-
-
-def clip_rename(clip: str) -> Rename:
-    """Stored CLIP-folder name -> SegLLM name (the text half dropped)."""
-
-    def rename(key: str) -> str | None:
-        if key.startswith(CLIP_DROPPED_PREFIXES) or key.endswith(DROPPED_SUFFIXES):
-            return None
-        return _rename(CLIP_KEY_MAP, key, clip) or UNMAPPED + key
-
-    return rename
-
-
-def stored_name(target: str, clip: str, *, clip_inline: bool) -> str:
-    """SegLLM name -> the name a user finds in the checkpoint (for error messages)."""
-    table = LISA_KEY_MAP if clip_inline or not target.startswith(clip) else CLIP_KEY_MAP
-    for stored, prefix in table:
-        prefix = prefix.replace(CLIP, clip)
-        if target.startswith(prefix):
-            return stored + target[len(prefix) :]
-    return target
 
 
 # ---- config ------------------------------------------------------------------------------------

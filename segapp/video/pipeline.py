@@ -7,14 +7,13 @@ Two streaming passes over the video:
    DyCoke KV pruning while decoding -> `VideoAnswer` (one SAM prompt per `[SEG]`).
 3. `iter_masks`: every frame through SAM's encoder; each `[SEG]` prompt is decoded on every
    frame (One-Token-Seg-All) -> per-frame masks, yielded one frame at a time.
-`run` ties them together and writes masks, an overlay video and results.jsonl.
+`run` ties them together and writes masks, an overlay video and results.jsonl
+(segapp.video.outputs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ import torch
 
 from segapp.build import Bundle
 from segapp.errors import InputError
-from segapp.export import mask_record, overlay, save_png
 from segapp.images import check_instruction
 from segapp.modeling.reduction import KVPrune, reduced_generate
 from segapp.predictor import mask_labels
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
-from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, VideoWriter, iter_frames, probe_video
+from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, iter_frames, probe_video
+from segapp.video.outputs import FrameOutputs
 from segapp.video.sampling import FrameSample, sample_frames
 from segapp.video.tracks import PointTrack, all_tokens, point_track
 from segapp.video.ttm import keep_count, temporal_token_merge
@@ -331,36 +330,25 @@ class VideoSegmenter:
         tokens = self.encode_frames(video_path, info)
         report(0.08, "reasoning")
         answer = self.reason(tokens, text, merge=merge, prune=prune)
-        out = Path(out_dir)
-        mask_dir = out / "masks"
-        mask_dir.mkdir(parents=True, exist_ok=True)
-        results_path = out / "results.jsonl"
-        tmp = out / ".results.jsonl.tmp"
-        writer = VideoWriter(out / "overlay.mp4", info.fps)
+        outputs = FrameOutputs(
+            Path(out_dir), info.fps, overlay_max_side=self.options.overlay_max_side
+        )
         sam_started = time.perf_counter()
-        done = 0
+        complete = False
         try:
-            with tmp.open("w") as fh:
-                for index, rgb, masks, scores in self.iter_masks(video_path, answer):
-                    records = []
-                    for k, (mask, score) in enumerate(zip(masks, scores, strict=True)):
-                        save_png(mask_dir / f"frame_{index:05d}_mask_{k}.png", mask)
-                        records.append(mask_record(mask, label=answer.labels[k], score=score))
-                    row = {
-                        "frame": index,
-                        "time_s": round(index / info.fps, 4) if info.fps else None,
-                        "image": f"{video_path}#{index}",
-                        "instruction": answer.instruction,
-                        "answer": answer.answer,
-                        "masks": records,
-                    }
-                    fh.write(json.dumps(row) + "\n")
-                    writer.write(self._overlay_frame(rgb, masks, answer.labels))
-                    done += 1
-                    report(0.1 + 0.9 * done / info.frames, f"segmenting frame {done}/{info.frames}")
+            for index, rgb, masks, scores in self.iter_masks(video_path, answer):
+                row = {
+                    "image": f"{video_path}#{index}",
+                    "instruction": answer.instruction,
+                    "answer": answer.answer,
+                }
+                outputs.write(index, rgb, masks, scores, answer.labels, row)
+                done = outputs.frames
+                report(0.1 + 0.9 * done / info.frames, f"segmenting frame {done}/{info.frames}")
+            complete = True
         finally:
-            writer.close()
-        os.replace(tmp, results_path)
+            outputs.close(complete=complete)
+        done = outputs.frames
         stats = {
             **answer.stats,
             "frames": done,
@@ -374,28 +362,9 @@ class VideoSegmenter:
             answer.answer,
             answer.labels,
             done,
-            out,
-            mask_dir,
-            writer.path,
-            results_path,
+            Path(out_dir),
+            outputs.mask_dir,
+            outputs.video.path,
+            outputs.results_path,
             stats,
         )
-
-    def _overlay_frame(self, rgb: np.ndarray, masks: np.ndarray, labels: list[str]) -> np.ndarray:
-        h, w = rgb.shape[:2]
-        side = self.options.overlay_max_side
-        if max(h, w) > side:  # a 4K overlay video is not worth its size
-            scale = side / max(h, w)
-            dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-            rgb = cv2.resize(rgb, dsize, interpolation=cv2.INTER_AREA)
-            masks = (
-                np.stack(
-                    [
-                        cv2.resize(m.astype(np.uint8), dsize, interpolation=cv2.INTER_NEAREST) > 0
-                        for m in masks
-                    ]
-                )
-                if len(masks)
-                else np.zeros((0, dsize[1], dsize[0]), bool)
-            )
-        return overlay(rgb, list(masks), labels)
