@@ -22,6 +22,8 @@ from typing import Any, Generic, TypeVar
 
 from segapp.errors import InputError, SegappError
 
+Progress = Callable[[float, str], None]  # a job's progress: (fraction 0..1, message)
+
 T = TypeVar("T")
 
 
@@ -211,7 +213,7 @@ class JobTable:
         queue: ModelQueue[Any],
         kind: str,
         user: str,
-        work: Callable[[Callable[[float, str], None]], dict[str, Any]],
+        work: Callable[[Progress], dict[str, Any]],
     ) -> Job:
         """Queue `work(progress)` on the model thread as a new job; returns the job at once.
 

@@ -25,8 +25,8 @@ import numpy as np
 from segapp.errors import InputError
 from segapp.images import as_rgb, check_instruction, mask_from_array
 from segapp.jsonable import as_dict
-from segapp.scheduler import Job, JobTable, ModelQueue
-from segapp.service_media import MediaJobs, Progress
+from segapp.scheduler import Job, JobTable, ModelQueue, Progress
+from segapp.service_media import MediaJobs
 
 if TYPE_CHECKING:
     from segapp.build import Bundle

@@ -7,20 +7,18 @@ segapp.batch, both imported on use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from segapp.images import check_instruction
 from segapp.jsonable import as_dict
+from segapp.scheduler import Progress
 
 if TYPE_CHECKING:
     from segapp.build import Bundle
     from segapp.predictor import Segmenter
     from segapp.scheduler import Job, JobTable, ModelQueue
     from segapp.service import ServiceConfig
-
-Progress = Callable[[float, str], None]  # (fraction 0..1, message)
 
 
 class _Host(Protocol):

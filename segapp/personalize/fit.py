@@ -13,7 +13,7 @@ verifier (verify.py) is fitted on SAM's candidate masks over part of the same po
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,10 +45,10 @@ from segapp.personalize.store import (
     shot_hash,
     validate_slug,
 )
+from segapp.scheduler import Progress
 from segapp.tokenizer import SEG_TOKEN
 from segapp.train_losses import pointer_choice
 
-Progress = Callable[[float, str], None]
 MAX_SHOTS = 5
 INSTRUCTIONS = (
     "segment {c}",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,12 @@ from segapp.images import check_instruction
 from segapp.modeling.reduction import KVPrune, reduced_generate
 from segapp.predictor import mask_labels
 from segapp.preprocess import postprocess_logits, sam_tensor, vision_tensor
+from segapp.scheduler import Progress
 from segapp.video.io import MAX_FRAME_PIXELS, VideoInfo, iter_frames, probe_video
 from segapp.video.outputs import FrameOutputs
 from segapp.video.sampling import FrameSample, sample_frames
 from segapp.video.tracks import PointTrack, all_tokens, point_track
 from segapp.video.ttm import keep_count, temporal_token_merge
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
