@@ -168,11 +168,17 @@ class TrainConfig:
     target_weight: float = _f(
         0.0, "BCE of a training-only head marking the image tokens on a query's targets"
     )
+    token_probe: float = _f(
+        0.0,
+        "weight of the object probe on the image tokens the LLM reads (projector output), so "
+        "colour / shape / size / texture stay linearly readable where instructions meet them",
+    )
     answer_order: str = _f(
         "seg_first",
         "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "
         "answers with) or 'describe_first' (\"It is the red circle [SEG].\", the scaffold the "
-        "bundled recipe's first run trains on)",
+        "bundled recipe's first run trains on) or 'restate' (\"It is the red shape [SEG], the red "
+        "circle.\": the instruction's own phrase copied before [SEG])",
     )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")

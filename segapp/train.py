@@ -139,7 +139,8 @@ def train(
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         model.llm.tie_weights()
         if (ckpt / "aux.safetensors").exists():
-            aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")))
+            # strict=False: a checkpoint from before a training-only head was added lacks it
+            aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")), strict=False)
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
     stream = BatchStream(

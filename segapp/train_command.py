@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seed",
             "video_fraction",
             "target_weight",
+            "token_probe",
             "answer_order",
             "probe_swap",
             "video_pointer",
@@ -157,10 +158,17 @@ def add_train_command(sub: Any) -> None:
         "(default 0)",
     )
     t.add_argument(
+        "--token-probe",
+        type=float,
+        help="weight of the object probe on the LLM's image tokens (projector output), training "
+        "only (default 0)",
+    )
+    t.add_argument(
         "--answer-order",
         choices=list(ANSWER_ORDERS),
         help="one-target answers: [SEG] then the description (default, what the model answers "
-        "with) or the description then [SEG] (the scaffold of the bundled recipe's first run)",
+        "with), the description then [SEG] (the scaffold of the bundled recipe's first run), or "
+        "restate: the instruction's own phrase copied before [SEG]",
     )
     t.add_argument(
         "--probe-swap",

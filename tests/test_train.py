@@ -216,3 +216,32 @@ def test_projector_norm_puts_image_tokens_at_a_fixed_scale() -> None:
     assert set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert "projector_norm" not in cfg.to_dict()
     assert cfg.replace(projector_norm=True).to_dict()["projector_norm"] is True
+
+
+def test_token_probe_reads_the_llm_image_tokens_with_merged_cover() -> None:
+    from segapp.build import build_segllm
+    from segapp.data.batches import make_batch
+    from segapp.tokenizer import ChatFormat
+    from segapp.train_losses import AuxHeads, forward_losses, merged_cover
+
+    # a 4 x 4 patch grid merged 2 x 2: each token's cover is the mean of its block
+    cover = torch.arange(16.0).reshape(1, 1, 16) / 16
+    merged = merged_cover(cover, 2)
+    assert merged.shape == (1, 1, 4)
+    assert torch.allclose(merged[0, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]) / 16)
+    assert merged_cover(cover, 1) is cover
+
+    bundle = load_bundle(Path("weights/tiny"))
+    cfg = MODEL_PRESETS["tiny"]
+    model = build_segllm(cfg, bundle.tokenizer)
+    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
+    batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
+    aux = AuxHeads(cfg)
+    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True)
+    assert "token_probe" not in off
+    on = forward_losses(model, aux, batch, TrainConfig(token_probe=1.0), cfg, joint=True)
+    probe = on["token_probe"]
+    assert torch.isfinite(probe) and float(probe.detach()) > 0.5  # untrained: near chance
+    probe.backward()  # it trains the projector, which makes the LLM's image tokens
+    assert model.projector[0].weight.grad is not None
+    assert float(model.projector[0].weight.grad.abs().sum()) > 0

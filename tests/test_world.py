@@ -243,3 +243,27 @@ def test_an_unknown_answer_order_is_an_error() -> None:
     assert in_order("It is [SEG], the red circle.", "seg_first") == "It is [SEG], the red circle."
     with pytest.raises(ValueError, match="unknown answer order 'seg_last'"):
         in_order("Sure, [SEG].", "seg_last")
+
+
+def test_restate_repeats_the_instructions_phrase_before_seg() -> None:
+    from segapp.data.queries import in_order, restate
+
+    assert restate("It is [SEG], the small red circle at the top.", "the red shape") == (
+        "It is the red shape [SEG], the small red circle at the top."
+    )
+    for unchanged in ("There are two stars: the dotted one [SEG] and the solid one [SEG].",):
+        assert restate(unchanged, "every star") == unchanged
+    assert restate("Sure, [SEG].", "") == "Sure, [SEG]."
+    rng = np.random.default_rng(7)
+    seen = 0
+    for _ in range(40):  # every one-target query carries the phrase its instruction asks about
+        scene = generate_scene(rng, "train")
+        for q in make_queries(scene, rng, 3):
+            if len(q.targets) != 1:
+                assert q.phrase == "" or q.kind == "multi"
+                continue
+            seen += 1
+            assert q.phrase and q.phrase.split(" that ")[-1] in q.instruction, q
+            answer = in_order(q.answer, "restate", q.phrase)
+            assert answer.count("[SEG]") == 1 and f"{q.phrase} [SEG]" in answer
+    assert seen >= 30

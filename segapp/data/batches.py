@@ -117,7 +117,7 @@ def make_batch(
             pt_img.append(b)
         pt_masks.append(mask_tensor(scene.masks[order], cfg.sam_image_size))
         for q in make_queries(scene, rng, queries_per_image, split):
-            text = in_order(q.answer, answer_order)
+            text = in_order(q.answer, answer_order, q.phrase)
             prompt, answer = chat.prompt_ids(q.instruction), chat.answer_ids(text)
             rows.append((prompt, answer))
             query_image.append(b)

@@ -145,4 +145,4 @@ def iter_corpus(n_scenes: int, seed: int = 0, answer_order: str = "seg_first") -
             q = make_query(scene, rng, kind, split)
             if q is not None:
                 yield q.instruction
-                yield in_order(q.answer, answer_order)
+                yield in_order(q.answer, answer_order, q.phrase)

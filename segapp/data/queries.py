@@ -39,6 +39,7 @@ class Query:
     answer: str
     targets: tuple[int, ...]
     is_sentence: bool
+    phrase: str = ""  # the noun phrase the instruction asks about (one-target kinds)
 
 
 def centroids(scene: Scene) -> np.ndarray:
@@ -110,7 +111,7 @@ def _answer(
     return f"It is {SEG}, the {name} {kb.location((center[0], center[1]))}."
 
 
-ANSWER_ORDERS = ("seg_first", "describe_first")
+ANSWER_ORDERS = ("seg_first", "describe_first", "restate")
 _REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
 _DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
 
@@ -134,10 +135,30 @@ def describe_first(answer: str) -> str:
     return answer
 
 
-def in_order(answer: str, order: str) -> str:
-    """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS)."""
+def restate(answer: str, phrase: str) -> str:
+    """A one-target answer that repeats the instruction's own noun phrase right before its
+    `[SEG]` ("It is [SEG], the red circle." for "segment the red shape" -> "It is the red shape
+    [SEG], the red circle."). Other answers, or no phrase, are returned unchanged.
+
+    Why: the hidden state that predicts `[SEG]` points SAM at the target, so it must hold what
+    the instruction asks for. Read across the 64 image tokens between them, the instruction
+    barely reached it: the bundled pointer picks the target of "the red shape" about 30% of
+    the time, training scenes included. Copying words is what a language model learns first,
+    and a phrase copied just before `[SEG]` is within a few positions of it. Unlike
+    `describe_first`, nothing here is read off the image, so a copy cannot be a wrong reading.
+    """
+    if answer.count(SEG) != 1 or not phrase:
+        return answer
+    return answer.replace(SEG, f"{phrase} {SEG}")
+
+
+def in_order(answer: str, order: str, phrase: str = "") -> str:
+    """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS);
+    ``phrase``: the query's noun phrase, which `restate` repeats."""
     if order not in ANSWER_ORDERS:
         raise ValueError(f"unknown answer order {order!r}; expected one of {ANSWER_ORDERS}")
+    if order == "restate":
+        return restate(answer, phrase)
     return answer if order == "seg_first" else describe_first(answer)
 
 
@@ -146,7 +167,7 @@ def _single(
 ) -> Query:
     instruction, is_sentence = _wrap(rng, np_)
     answer = _answer(rng, scene.objects[k], centroids(scene)[k], reason, after=True)
-    return Query(kind, instruction, answer, (k,), is_sentence)
+    return Query(kind, instruction, answer, (k,), is_sentence, np_)
 
 
 def referring(scene: Scene, rng: np.random.Generator, split: str) -> Query | None:
@@ -300,12 +321,13 @@ def implicit(scene: Scene, rng: np.random.Generator, split: str) -> Query | None
         mods = "".join(kb.attr(o, a) + " " for a in ("size", "texture") if a in extra)
         if not mods and rng.random() < 0.3:
             instruction = kb.pick(rng, kb.IMPLICIT_QUESTIONS).format(clause=clause)
+            np_ = f"the object that {clause}"
         else:
             np_ = f"the {mods}{kb.pick(rng, ('object', 'thing'))} that {clause}"
             instruction = kb.pick(rng, kb.IMPLICIT_TEMPLATES).format(np=np_)
         reason = " and ".join(f[1] for f in facts) if rng.random() < 0.6 else ""
         answer = _answer(rng, o, centroids(scene)[k], reason)
-        return Query("implicit", instruction, answer, (k,), True)
+        return Query("implicit", instruction, answer, (k,), True, np_)
     return None
 
 
