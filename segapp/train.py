@@ -133,7 +133,7 @@ def train(
     if lora_r:
         add_lora(model, lora_r)
     select_trainable(model, trainable)
-    aux = AuxHeads(model_cfg).to(device)
+    aux = AuxHeads(model_cfg, token_probe=bool(train_cfg.token_probe)).to(device)
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)

@@ -76,12 +76,13 @@ class AuxHeads(torch.nn.Module):
     its own still learns to point, through a training-only one: a crisp "which object" signal
     long before the mask loss gives one."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, token_probe: bool = False) -> None:
         super().__init__()
         self.probe = ObjectProbe(cfg.vision_hidden)
         self.pointer = SegPointer(cfg.llm_hidden, 64)
         self.target = torch.nn.Linear(cfg.llm_hidden, 1)  # see target_loss
-        self.token_probe = ObjectProbe(cfg.llm_hidden)  # see token_probe_loss
+        # built only when used, so runs without it draw the same random numbers as before it
+        self.token_probe = ObjectProbe(cfg.llm_hidden) if token_probe else None
 
 
 def merged_cover(cover: torch.Tensor, merge: int) -> torch.Tensor:
@@ -106,6 +107,8 @@ def token_probe_loss(
     match "the red shape" to red tokens (pointer on target 30% for referring instructions,
     training scenes included).
     """
+    if aux.token_probe is None:
+        raise ValueError("AuxHeads was built without token_probe=True")
     return aux.token_probe(
         tokens, merged_cover(batch.object_cover, cfg.vision_merge), batch.object_attrs
     )

@@ -236,7 +236,7 @@ def test_token_probe_reads_the_llm_image_tokens_with_merged_cover() -> None:
     model = build_segllm(cfg, bundle.tokenizer)
     chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
     batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
-    aux = AuxHeads(cfg)
+    aux = AuxHeads(cfg, token_probe=True)
     off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True)
     assert "token_probe" not in off
     on = forward_losses(model, aux, batch, TrainConfig(token_probe=1.0), cfg, joint=True)
