@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from segapp.config import SEGAPP_FORMATS
-from segapp.data.queries import ANSWER_ORDERS
+from segapp.data.answers import ANSWER_ORDERS
 from segapp.errors import InputError
 
 # what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:

@@ -210,7 +210,7 @@ def test_one_target_answers_put_seg_before_any_word_read_off_the_image(split: st
 
 
 def test_describe_first_moves_the_description_before_seg_and_keeps_the_rest() -> None:
-    from segapp.data.queries import describe_first
+    from segapp.data.answers import describe_first
 
     assert describe_first("It is [SEG], the small red circle at the top.") == (
         "It is the small red circle at the top [SEG]."
@@ -238,7 +238,7 @@ def test_describe_first_moves_the_description_before_seg_and_keeps_the_rest() ->
 
 
 def test_an_unknown_answer_order_is_an_error() -> None:
-    from segapp.data.queries import in_order
+    from segapp.data.answers import in_order
 
     assert in_order("It is [SEG], the red circle.", "seg_first") == "It is [SEG], the red circle."
     with pytest.raises(ValueError, match="unknown answer order 'seg_last'"):
@@ -246,7 +246,7 @@ def test_an_unknown_answer_order_is_an_error() -> None:
 
 
 def test_restate_repeats_the_instructions_phrase_before_seg() -> None:
-    from segapp.data.queries import in_order, restate
+    from segapp.data.answers import in_order, restate
 
     assert restate("It is [SEG], the small red circle at the top.", "the red shape") == (
         "It is the red shape [SEG], the small red circle at the top."

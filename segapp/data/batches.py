@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from segapp.config import ModelConfig
+from segapp.data.answers import in_order
 from segapp.data.instructions import make_queries
-from segapp.data.queries import in_order
 from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat

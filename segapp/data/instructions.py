@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from segapp.data import knowledge as kb
-from segapp.data.queries import KINDS, MAKERS, SEG, Query, in_order
+from segapp.data.answers import SEG, in_order
+from segapp.data.queries import KINDS, MAKERS, Query
 from segapp.data.world import (
     COLORS,
     IMAGE_SIZE,

@@ -7,7 +7,6 @@ the centroid x of their visible mask, the same order as the ``[SEG]`` tokens in 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -15,6 +14,7 @@ from itertools import combinations
 import numpy as np
 
 from segapp.data import knowledge as kb
+from segapp.data.answers import SEG
 from segapp.data.world import COLORS, HELD_OUT, SHAPES, Obj, Scene, full_area
 
 KINDS: tuple[str, ...] = (
@@ -26,7 +26,6 @@ KINDS: tuple[str, ...] = (
     "multi",
     "none",
 )
-SEG = "[SEG]"
 HELD_OUT_PREFERENCE = 0.75  # val/test: chance to aim a query at a held-out-combo object first
 
 
@@ -109,57 +108,6 @@ def _answer(
     if r < 0.25:
         return f"Sure, it is {SEG}, the {name}."
     return f"It is {SEG}, the {name} {kb.location((center[0], center[1]))}."
-
-
-ANSWER_ORDERS = ("seg_first", "describe_first", "restate")
-_REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
-_DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
-
-
-def describe_first(answer: str) -> str:
-    """A one-target answer with its description moved before the `[SEG]` ("It is [SEG], the
-    red circle." -> "It is the red circle [SEG]."; a reason read off the image leads:
-    "Only one object is red, so it is the ... [SEG]."). Other answers are returned unchanged.
-
-    The first stage of the bundled model's recipe trains on this order: a description that
-    names the target's attributes and place right before `[SEG]` is a scaffold from which the
-    `[SEG]` pointer learns where words lie in the image; the second stage takes the scaffold
-    away (`seg_first`, what the model answers with).
-    """
-    if answer.count(SEG) != 1:
-        return answer
-    if m := _REASON_AFTER.match(answer):
-        return f"{kb.sentence(m[2])}, so it is the {m[1]} {SEG}."
-    if m := _DESCRIPTION_AFTER.match(answer):
-        return f"{m[1]}the {m[2]} {SEG}."
-    return answer
-
-
-def restate(answer: str, phrase: str) -> str:
-    """A one-target answer that repeats the instruction's own noun phrase right before its
-    `[SEG]` ("It is [SEG], the red circle." for "segment the red shape" -> "It is the red shape
-    [SEG], the red circle."). Other answers, or no phrase, are returned unchanged.
-
-    Why: the hidden state that predicts `[SEG]` points SAM at the target, so it must hold what
-    the instruction asks for. Read across the 64 image tokens between them, the instruction
-    barely reached it: the bundled pointer picks the target of "the red shape" about 30% of
-    the time, training scenes included. Copying words is what a language model learns first,
-    and a phrase copied just before `[SEG]` is within a few positions of it. Unlike
-    `describe_first`, nothing here is read off the image, so a copy cannot be a wrong reading.
-    """
-    if answer.count(SEG) != 1 or not phrase:
-        return answer
-    return answer.replace(SEG, f"{phrase} {SEG}")
-
-
-def in_order(answer: str, order: str, phrase: str = "") -> str:
-    """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS);
-    ``phrase``: the query's noun phrase, which `restate` repeats."""
-    if order not in ANSWER_ORDERS:
-        raise ValueError(f"unknown answer order {order!r}; expected one of {ANSWER_ORDERS}")
-    if order == "restate":
-        return restate(answer, phrase)
-    return answer if order == "seg_first" else describe_first(answer)
 
 
 def _single(

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
+from segapp.data.answers import in_order
 from segapp.data.batches import patch_cover
-from segapp.data.queries import in_order
 from segapp.data.videos import generate_clip
 from segapp.modeling.losses import bce_loss, dice_loss, text_loss
 from segapp.modeling.pointer import SegPointer
