@@ -176,9 +176,9 @@ class TrainConfig:
     answer_order: str = _f(
         "seg_first",
         "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "
-        "answers with) or 'describe_first' (\"It is the red circle [SEG].\", the scaffold the "
-        "bundled recipe's first run trains on) or 'restate' (\"It is the red shape [SEG], the red "
-        "circle.\": the instruction's own phrase copied before [SEG])",
+        "answers with) or 'describe_first' (\"It is the red circle [SEG].\", a training "
+        "scaffold) or 'restate' (\"It is the red shape [SEG], the red circle.\": the "
+        "instruction's own phrase copied before [SEG]; the bundled recipe)",
     )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")

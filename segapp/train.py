@@ -139,8 +139,18 @@ def train(
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         model.llm.tie_weights()
         if (ckpt / "aux.safetensors").exists():
-            # strict=False: a checkpoint from before a training-only head was added lacks it
-            aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")), strict=False)
+            # the optional token-probe head may be absent from (or extra in) the checkpoint,
+            # e.g. one saved before --token-probe existed; any other mismatch is an error
+            found = aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")), strict=False)
+            odd = [
+                k
+                for k in (*found.missing_keys, *found.unexpected_keys)
+                if not k.startswith("token_probe.")
+            ]
+            if odd:
+                raise ValueError(
+                    f"{ckpt / 'aux.safetensors'} does not match the training heads: {odd[:3]}"
+                )
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
     stream = BatchStream(

@@ -19,10 +19,10 @@ def describe_first(answer: str) -> str:
     red circle." -> "It is the red circle [SEG]."; a reason read off the image leads:
     "Only one object is red, so it is the ... [SEG]."). Other answers are returned unchanged.
 
-    The first stage of the bundled model's recipe trains on this order: a description that
-    names the target's attributes and place right before `[SEG]` is a scaffold from which the
-    `[SEG]` pointer learns where words lie in the image; the second stage takes the scaffold
-    away (`seg_first`, what the model answers with).
+    A scaffold for training: a description that names the target's attributes and place
+    right before `[SEG]` shows the `[SEG]` pointer where words lie in the image; a second
+    stage takes it away. (The bundled recipe used it until it moved to `restate`: the
+    model's own descriptions were often wrong and the pointer followed them.)
     """
     if answer.count(SEG) != 1:
         return answer
@@ -40,8 +40,9 @@ def restate(answer: str, phrase: str) -> str:
 
     Why: the hidden state that predicts `[SEG]` points SAM at the target, so it must hold what
     the instruction asks for. Read across the 64 image tokens between them, the instruction
-    barely reached it: the bundled pointer picks the target of "the red shape" about 30% of
-    the time, training scenes included. Copying words is what a language model learns first,
+    barely reached it: trained without this order, the pointer picked the target of "the red
+    shape" about 30% of the time, training scenes included. Copying words is what a language
+    model learns first,
     and a phrase copied just before `[SEG]` is within a few positions of it. Unlike
     `describe_first`, nothing here is read off the image, so a copy cannot be a wrong reading.
     """
