@@ -27,7 +27,7 @@ from tqdm import tqdm
 from segapp.build import Bundle, build_segllm, image_token_count, save_bundle
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import BatchStream, TrainBatch
-from segapp.errors import InputError
+from segapp.errors import InputError, ModelError
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
 from segapp.train_losses import AuxHeads, forward_losses
@@ -148,8 +148,9 @@ def train(
                 if not k.startswith("token_probe.")
             ]
             if odd:
-                raise ValueError(
-                    f"{ckpt / 'aux.safetensors'} does not match the training heads: {odd[:3]}"
+                raise ModelError(
+                    f"checkpoint does not match the training heads: {odd[:3]}",
+                    str(ckpt / "aux.safetensors"),
                 )
         step = json.loads((ckpt / "state.json").read_text())["step"]
     total_steps = train_cfg.sam_warmup_steps + train_cfg.steps
