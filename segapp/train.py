@@ -29,7 +29,7 @@ from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import BatchStream, TrainBatch
 from segapp.errors import InputError, ModelError
 from segapp.modeling.segllm import SegLLM
-from segapp.tokenizer import ChatFormat, load_tokenizer, train_tokenizer
+from segapp.tokenizer import chat_format_for, load_tokenizer, train_tokenizer
 from segapp.train_losses import AuxHeads, forward_losses
 from segapp.video.training import is_video_step, make_video_sample, video_losses
 
@@ -129,7 +129,8 @@ def train(
             tokenizer = train_tokenizer(corpus, model_cfg.vocab_size)
             tokenizer.backend_tokenizer.save(str(tok_path))
         model = build_segllm(model_cfg, tokenizer).to(device)
-        chat = ChatFormat(tokenizer, image_token_count(model_cfg))
+        # the prompt template the model is built for (and will be served with)
+        chat = chat_format_for(model_cfg.chat_format, tokenizer, image_token_count(model_cfg))
     if lora_r:
         add_lora(model, lora_r)
     select_trainable(model, trainable)

@@ -137,6 +137,30 @@ def test_text_first_model_trains_further_as_segapp_weights(
     assert "--chat-format" in capsys.readouterr().err
 
 
+def test_a_model_built_from_scratch_trains_on_its_own_chat_format(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The prompts of a fresh text-first run put the instruction before the image slots, as
+    the saved model is served (a run once trained image-first and was served text-first)."""
+    import segapp.train as training
+
+    class Seen(Exception):
+        pass
+
+    def stream(chat, *args, **kwargs):  # the training batches are built with this chat
+        raise Seen(chat)
+
+    monkeypatch.setattr(training, "BatchStream", stream)
+    cfg = TINY.replace(chat_format="segapp_text_first")
+    small = TrainConfig(steps=1, sam_warmup_steps=0, workers=0, threads=THREADS)
+    with pytest.raises(Seen) as seen:
+        train(tmp_path / "run", model_cfg=cfg, train_cfg=small, progress=False)
+    chat = seen.value.args[0]
+    ids = chat.prompt_ids("Segment the red circle.")
+    before_image = chat.tokenizer.decode(ids[: ids.index(chat.image_id)])
+    assert chat.text_first and "red circle" in before_image
+
+
 def test_conv_stem_keeps_the_token_grid_and_needs_a_power_of_two_patch() -> None:
     from segapp.errors import ModelError
     from segapp.modeling.builders import ConvStem, build_vision_tower
