@@ -188,6 +188,11 @@ class TrainConfig:
         "training); 0 = image-only training",
     )
     video_clips: int = _f(1, "synthetic clips per video step (their losses averaged)")
+    video_sam_frames: int = _f(
+        2,
+        "frames of each training clip the [SEG] prompt is decoded on by SAM (frames without "
+        "the target teach an empty mask; the decoder is cheap next to the LLM)",
+    )
     video_pointer: bool = _f(
         False,
         "video samples also train the [SEG] pointer on each LLM frame and prompt SAM with its "

@@ -222,7 +222,12 @@ def train(
             clips = []
             for clip in range(train_cfg.video_clips):
                 sample = make_video_sample(
-                    model_cfg, train_cfg.seed, step, extra=clip, answer_order=train_cfg.answer_order
+                    model_cfg,
+                    train_cfg.seed,
+                    step,
+                    extra=clip,
+                    sam_frames=train_cfg.video_sam_frames,
+                    answer_order=train_cfg.answer_order,
                 )
                 clips.append(video_losses(model, sample, chat, model_cfg, train_cfg))
             video = {k: torch.stack([c[k] for c in clips if k in c]).mean() for k in clips[0]}

@@ -12,6 +12,7 @@ from typing import Any
 
 from segapp.config import SEGAPP_FORMATS
 from segapp.data.answers import ANSWER_ORDERS
+from segapp.data.videos import FRAMES as CLIP_FRAMES
 from segapp.errors import InputError
 
 # what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:
@@ -41,11 +42,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             "probe_swap",
             "video_pointer",
             "video_clips",
+            "video_sam_frames",
         )
     }
     if args.video_clips is not None and args.video_clips < 1:
         raise InputError(
             f"--video-clips must be at least 1, got {args.video_clips}", "--video-clips"
+        )
+    if args.video_sam_frames is not None and not 1 <= args.video_sam_frames <= CLIP_FRAMES:
+        raise InputError(
+            f"--video-sam-frames must be from 1 to {CLIP_FRAMES} (a training clip's frames), "
+            f"got {args.video_sam_frames}",
+            "--video-sam-frames",
         )
     if args.init_from and args.sam_warmup_steps is None:
         changes["sam_warmup_steps"] = 0  # a loaded SAM is already trained
@@ -177,6 +185,11 @@ def add_train_command(sub: Any) -> None:
         "(default 0)",
     )
     t.add_argument("--video-clips", type=int, help="synthetic clips per video step (default 1)")
+    t.add_argument(
+        "--video-sam-frames",
+        type=int,
+        help="frames of each training clip SAM decodes the [SEG] prompt on (default 2)",
+    )
     t.add_argument(
         "--video-pointer",
         action="store_true",

@@ -409,6 +409,27 @@ def test_extra_video_clips_of_a_step_are_new_clips(random_model_dir) -> None:
     assert not torch.equal(first.vision_pixels, other.vision_pixels)
 
 
+def test_more_sam_frames_per_clip_are_distinct_frames_of_the_same_clip(random_model_dir) -> None:
+    from segapp.build import load_model
+    from segapp.data.videos import FRAMES
+    from segapp.video.training import make_video_sample
+
+    cfg = load_model(str(random_model_dir)).config
+    two = make_video_sample(cfg, seed=0, step=5)
+    many = make_video_sample(cfg, seed=0, step=5, sam_frames=FRAMES)
+    assert torch.equal(two.vision_pixels, many.vision_pixels)  # the same clip for the LLM
+    assert sorted(many.sam_frames) == list(range(FRAMES))
+    assert many.sam_pixels.shape[0] == many.sam_masks.shape[0] == FRAMES
+
+
+@pytest.mark.parametrize("frames", ["0", "17"])
+def test_train_refuses_video_sam_frames_outside_a_clip(tmp_path, capsys, frames) -> None:
+    from segapp.cli import run
+
+    assert run(["train", "--out", str(tmp_path / "v"), "--video-sam-frames", frames]) == 2
+    assert "--video-sam-frames must be from 1 to 16" in capsys.readouterr().err
+
+
 def test_train_refuses_zero_video_clips(tmp_path, capsys) -> None:
     from segapp.cli import run
 
