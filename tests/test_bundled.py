@@ -18,12 +18,14 @@ from segapp.evaluate import evaluate_reason
 from segapp.predictor import Segmenter
 
 EXAMPLES = REPO_ROOT / "data" / "examples"
-# measured on the committed weights (weights/tiny/README.md): 0.46 mean IoU over the six
-# examples with a target (three right), gIoU 0.59 and every no-target query answered with no
-# mask on the first 70 test samples; bounds leave a margin. Seven examples are too few to
-# measure quality; the test split carries the quality bound.
-EXAMPLES_MEAN_IOU = 0.35
-SPLIT_GIOU = 0.50
+# measured on the committed weights (weights/tiny/README.md): 0.61 mean IoU over the six
+# examples with a target (four right), gIoU 0.71 and 10 of the 11 no-target queries answered
+# with no mask on the first 70 test samples; bounds leave a margin (one more wrong no-target
+# answer is 9 points). Seven examples are too few to measure quality; the test split carries
+# the quality bound.
+EXAMPLES_MEAN_IOU = 0.45
+SPLIT_GIOU = 0.60
+NO_TARGET_EMPTY = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_examples_masks_overlap_their_targets(example_results) -> None:
 def test_test_split_giou(bundle) -> None:
     report = evaluate_reason(split="test", limit=70, progress=False, bundle=bundle)
     assert report["giou"] >= SPLIT_GIOU, report
-    assert report["no_target_empty_rate"] >= 0.9, report
+    assert report["no_target_empty_rate"] >= NO_TARGET_EMPTY, report
 
 
 def test_examples_directory_is_a_reasonseg_split(bundle, tmp_path: Path) -> None:
