@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import ATTRIBUTES, TrainBatch
-from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
+from segapp.modeling.losses import bce_loss, dice_loss, lm_loss, mask_iou
 from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 
@@ -29,19 +29,15 @@ def mask_terms(
 def decode_per_image(
     model: SegLLM, emb: torch.Tensor, sparse: torch.Tensor, image_of: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the mask decoder image by image (it pairs one image with many prompts).
+    """Decode each prompt on its own image (one batched decoder call for all of them).
 
-    Returns logits M x S x S in the padded SAM frame and IoU predictions M, in input order.
+    Returns logits M x S x S in the padded SAM frame and IoU predictions M, in input order,
+    in float32 (the mask losses are taken in full precision).
     """
     size = model.sam.image_encoder.img_size
-    logits = sparse.new_zeros(sparse.shape[0], size, size)
-    ious = sparse.new_zeros(sparse.shape[0])
-    for b in image_of.unique().tolist():
-        sel = (image_of == b).nonzero()[:, 0]
-        low, iou = model.decode_masks(emb[b : b + 1], sparse[sel])
-        logits[sel] = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0]
-        ious[sel] = iou[:, 0]
-    return logits, ious
+    low, iou = model.decode_masks(emb, sparse, image_of)
+    logits = F.interpolate(low.float(), (size, size), mode="bilinear", align_corners=False)
+    return logits[:, 0], iou[:, 0].float()
 
 
 class ObjectProbe(torch.nn.Module):
@@ -213,12 +209,10 @@ def forward_losses(
         terms["token_probe"] = token_probe_loss(aux, projected, batch, cfg)
     tokens = projected[batch.query_image]
     embeds = model.embed_inputs(batch.input_ids, tokens)
-    out = model.llm(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True
+    ce, last = lm_loss(
+        model.llm, batch.labels, inputs_embeds=embeds, attention_mask=batch.attention_mask
     )
-    ce = text_loss(out.logits, batch.labels)
     src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
-    last = out.hidden_states[-1]
     hidden = last[src]
     if hidden.shape[0] != batch.seg_masks.shape[0]:
         raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens but {batch.seg_masks.shape[0]} masks")

@@ -183,6 +183,44 @@ def test_non_square_image_masks_at_original_size(segmenter: Segmenter) -> None:
     assert torch.isfinite(logits).all()
 
 
+def test_prompts_on_several_images_decode_as_one_image_at_a_time(random_model_dir: Path) -> None:
+    model = load_bundle(random_model_dir).model
+    torch.manual_seed(1)
+    size = model.sam.image_encoder.img_size
+    with torch.no_grad():
+        emb = model.encode_sam(torch.rand(3, 3, size, size))
+        sparse = torch.randn(5, 2, model.sam.prompt_encoder.embed_dim)
+        image_of = torch.tensor([2, 0, 2, 1, 0])
+        low, iou = model.decode_masks(emb, sparse, image_of)
+        for i, b in enumerate(image_of.tolist()):
+            one_low, one_iou = model.decode_masks(emb[b : b + 1], sparse[i : i + 1])
+            torch.testing.assert_close(low[i], one_low[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(iou[i], one_iou[0], rtol=1e-4, atol=1e-4)
+    # not a trivial agreement: the same prompt reads differently on another image
+    assert (low[0] - model.decode_masks(emb[1:2], sparse[:1])[0][0]).abs().max() > 1e-3
+
+
+def test_training_loss_heads_only_the_answer_yet_matches_the_full_forward(
+    random_model_dir: Path,
+) -> None:
+    from segapp.modeling.losses import lm_loss, text_loss
+
+    llm = load_bundle(random_model_dir).model.llm
+    torch.manual_seed(2)
+    ids = torch.randint(0, llm.config.vocab_size, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:9] = ids[:, 6:9]
+    labels[0, 9:] = ids[0, 9:]
+    full = llm(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    ce, last = lm_loss(llm, labels, input_ids=ids, attention_mask=attn)
+    torch.testing.assert_close(ce, text_loss(full.logits, labels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full.hidden_states[-1], rtol=1e-5, atol=1e-5)
+    none = torch.full_like(labels, -100)
+    assert torch.isnan(lm_loss(llm, none, input_ids=ids)[0])  # as the full path: no labels
+
+
 # ---- results as JSON ---------------------------------------------------------------------------
 def _disc(height: int = 40, width: int = 50) -> np.ndarray:
     mask = np.zeros((height, width), np.uint8)

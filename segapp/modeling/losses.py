@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +36,25 @@ def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+
+
+def lm_loss(llm: Any, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a transformers causal LM for training: (text CE as `text_loss`, last-layer hidden
+    states Q x L x H).
+
+    The LM head runs only on the positions that carry a label (the answer: ~1/5 of a training
+    row, the rest is prompt and image tokens), not on every position as the model's own
+    forward does; same loss, a fifth of the head and the log-softmax. A model whose logits are
+    more than its head's output (soft-capped) takes the plain path.
+    """
+    config = llm.config
+    if getattr(config, "final_logit_softcapping", None) or not hasattr(llm, "get_decoder"):
+        out = llm(**inputs, output_hidden_states=True)
+        return text_loss(out.logits, labels), out.hidden_states[-1]
+    last = llm.get_decoder()(**inputs).last_hidden_state
+    shift = labels[:, 1:]
+    keep = shift != -100
+    logits = llm.get_output_embeddings()(last[:, :-1][keep])
+    if not bool(keep.any()):  # what the full path gives: the mean of nothing
+        return logits.sum() * float("nan"), last
+    return F.cross_entropy(logits.float(), shift[keep]), last

@@ -27,7 +27,7 @@ from segapp.build import Bundle
 from segapp.config import _f
 from segapp.data.batches import pad_rows
 from segapp.errors import InputError
-from segapp.modeling.losses import bce_loss, dice_loss, mask_iou, text_loss
+from segapp.modeling.losses import bce_loss, dice_loss, lm_loss, mask_iou
 from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.adapters import (
@@ -150,15 +150,14 @@ def _step_losses(
     positive = pool.positive[pick].tolist()
     ids, attn, labels = (t.to(model.device) for t in _rows(bundle, name, positive, rng))
     embeds = model.embed_inputs(ids, pool.tokens[pick])
-    out = model.llm(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=True)
-    terms = {"ce": text_loss(out.logits, labels)}
+    ce, last = lm_loss(model.llm, labels, inputs_embeds=embeds, attention_mask=attn)
+    terms = {"ce": ce}
     src = SegLLM.seg_source_mask(ids, model.seg_token_id)
-    hidden = out.hidden_states[-1][src]  # one [SEG] per positive row, in row order
+    hidden = last[src]  # one [SEG] per positive row, in row order
     rows = pick[pool.positive[pick]]
     if hidden.shape[0] != rows.shape[0]:
         raise RuntimeError(f"{hidden.shape[0]} [SEG] tokens for {rows.shape[0]} positives")
     if rows.numel():
-        last = out.hidden_states[-1]
         slots = ids == model.image_token_id
         image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
         image_hidden = image_hidden[pool.positive[pick].nonzero()[:, 0]]

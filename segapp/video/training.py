@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from segapp.config import ModelConfig, TrainConfig
 from segapp.data.answers import in_order
 from segapp.data.batches import patch_cover
 from segapp.data.videos import generate_clip
-from segapp.modeling.losses import bce_loss, dice_loss, text_loss
+from segapp.modeling.losses import bce_loss, dice_loss, lm_loss
 from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
@@ -112,11 +111,10 @@ def video_losses(
     positions[slots] = first + offsets
     positions[first + len(visual) :] += t * n - len(visual)
     embeds = model.embed_inputs(ids, visual[None])
-    out = model.llm(
-        inputs_embeds=embeds, position_ids=positions[None].to(device), output_hidden_states=True
+    ce, last = lm_loss(
+        model.llm, labels, inputs_embeds=embeds, position_ids=positions[None].to(device)
     )
-    ce = text_loss(out.logits, labels)
-    hidden = out.hidden_states[-1][SegLLM.seg_source_mask(ids, model.seg_token_id)]
+    hidden = last[SegLLM.seg_source_mask(ids, model.seg_token_id)]
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
     if hidden.shape[0]:
@@ -124,7 +122,7 @@ def video_losses(
         track = None
         if tcfg.video_pointer and model.seg_pointer is not None:
             track, terms["video_pointer"] = _pointer_track(
-                model, hidden[:1], out, ids, index, sample, tcfg
+                model, hidden[:1], last, ids, index, sample, tcfg
             )
             total = total + tcfg.pointer_weight * terms["video_pointer"]
         emb = model.encode_sam(sample.sam_pixels.to(device))
@@ -151,7 +149,7 @@ def video_losses(
 def _pointer_track(
     model: SegLLM,
     hidden: torch.Tensor,
-    out: Any,
+    last: torch.Tensor,
     ids: torch.Tensor,
     index: torch.Tensor,
     sample: VideoSample,
@@ -162,7 +160,7 @@ def _pointer_track(
     (`pointer_teacher` of the frames on the target, else where the pointer points)."""
     assert model.seg_pointer is not None and sample.vision_cover is not None
     slots = ids[0] == model.image_token_id
-    image_hidden = out.hidden_states[-1][0, slots]
+    image_hidden = last[0, slots]
     t, n = sample.vision_cover.shape
     scores = model.seg_pointer.scores(hidden, image_hidden)
     grid = pointer_grid(scores, index, t, n)[0]  # T x N
