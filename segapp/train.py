@@ -174,6 +174,7 @@ def train(
         prefetch_factor=4 if train_cfg.workers else None,
         persistent_workers=False,
         timeout=600 if train_cfg.workers else 0,  # a stuck worker becomes an error, not a hang
+        worker_init_fn=_background_worker,
     )
     opt = None
     stage = None
@@ -264,6 +265,14 @@ def train(
     save_bundle(model, tokenizer, model_cfg, out_dir)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(train_cfg), indent=2) + "\n")
     return last
+
+
+def _background_worker(_: int) -> None:
+    """Data workers yield the CPU to the training step: on 2 cores a worker at normal
+    priority preempts one of torch's two threads and the other waits at every op's barrier
+    (0.61 s a step with a worker against 0.57 s generating the data inline); at the lowest
+    priority it runs in the gaps the step leaves."""
+    os.nice(19)
 
 
 def _checkpoint(
