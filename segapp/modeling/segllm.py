@@ -215,19 +215,20 @@ class SegLLM(nn.Module):
         pe = self.sam.prompt_encoder
         dtype = image_embedding.dtype
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
+        dense = dense.to(dtype)
         if image_of is not None:
             # SAM's decoder pairs one image with all its prompts (it repeats the embedding per
             # prompt and adds the dense prompt). Handing it a zero image and each prompt's own
             # embedding as the dense prompt gives exactly the same sums, so prompts on
             # different images run in one batched call (the per-image loop was ~1700 small
             # matmuls of a training step).
-            dense = image_embedding[image_of] + dense.to(dtype)
+            dense = image_embedding[image_of] + dense
             image_embedding = image_embedding.new_zeros(1, *image_embedding.shape[1:])
         return self.sam.mask_decoder(
             image_embeddings=image_embedding,
             image_pe=pe.get_dense_pe().to(dtype),
             sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
+            dense_prompt_embeddings=dense,
             multimask_output=False,
         )
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.answers import in_order
@@ -24,7 +23,7 @@ from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
-from segapp.train_losses import pointer_choice
+from segapp.train_losses import decode_per_image, pointer_choice
 from segapp.video.sampling import sample_frames
 from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
 from segapp.video.ttm import temporal_token_merge
@@ -126,16 +125,16 @@ def video_losses(
             )
             total = total + tcfg.pointer_weight * terms["video_pointer"]
         emb = model.encode_sam(sample.sam_pixels.to(device))
-        size = model.sam.image_encoder.img_size
-        logits = []
-        for f in range(emb.shape[0]):  # One-Token-Seg-All: the same prompt on every frame
-            frame_prompts = prompts
-            if track is not None:  # with the pointer's point on this frame, as `segapp video`
-                point = model.point_token(track.at(sample.sam_frames[f]))
-                frame_prompts = torch.cat([prompts, point.to(prompts.dtype)], 1)
-            low, _ = model.decode_masks(emb[f : f + 1], frame_prompts)
-            logits.append(F.interpolate(low, (size, size), mode="bilinear")[:, 0])
-        pred = torch.cat(logits)
+        frames = emb.shape[0]
+        # One-Token-Seg-All: the same prompt on every frame, all frames in one decoder call
+        frame_prompts = prompts.expand(frames, -1, -1)
+        if track is not None:  # with the pointer's point on each frame, as `segapp video`
+            points = torch.cat([track.at(f) for f in sample.sam_frames])
+            frame_prompts = torch.cat(
+                [frame_prompts, model.point_token(points).to(prompts.dtype)], 1
+            )
+        image_of = torch.arange(frames, device=emb.device)
+        pred, _ = decode_per_image(model, emb, frame_prompts, image_of)
         target = sample.sam_masks.to(device)
         terms["video_bce"] = bce_loss(pred, target)
         terms["video_dice"] = dice_loss(pred, target)
