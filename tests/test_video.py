@@ -298,6 +298,35 @@ def test_point_track_follows_every_llm_frame_and_joins_the_prompt(bundle, clip_d
     assert masks.shape[0] == len(a.prompts) == len(scores)
 
 
+def test_batched_frame_decoding_matches_one_decoder_call_per_frame(bundle, clip_dir) -> None:
+    from segapp.preprocess import postprocess_logits
+    from segapp.video.pipeline import VideoOptions, VideoSegmenter
+
+    for tracks in (False, True):
+        seg = VideoSegmenter(bundle, VideoOptions(point_tracks=tracks, sam_batch=4))
+        answer = seg.reason(seg.encode_frames(clip_dir), "the shape that grows", merge=0.7)
+        assert len(answer.prompts) >= 1 and (answer.track is not None) == tracks
+        frames = list(seg.iter_sam(clip_dir))
+        batched = seg.batch_masks(frames, answer)
+        streamed = list(seg.iter_masks(clip_dir, answer))  # batches of 4 + 2 frames
+        assert [i for i, *_ in streamed] == [f.index for f in frames] == list(range(6))
+        size = bundle.model.sam.image_encoder.img_size
+        for frame, (masks, scores), (_, _, smasks, sscores) in zip(
+            frames, batched, streamed, strict=True
+        ):
+            prompts = answer.prompts
+            if answer.track is not None:
+                point = bundle.model.point_token(answer.track.at(frame.index))
+                prompts = torch.cat([prompts, point], 1)
+            low, iou = bundle.model.decode_masks(frame.embedding, prompts)  # this frame alone
+            ref = postprocess_logits(low, frame.input_size, frame.rgb.shape[:2], size) > 0
+            assert masks.shape == ref.shape == smasks.shape
+            assert (masks != ref.numpy()).mean() < 1e-3 and (smasks != masks).mean() < 1e-3
+            assert np.allclose(scores, iou[:, 0].clamp(0, 1).tolist(), atol=1e-4)
+            assert np.allclose(sscores, scores, atol=1e-4)
+    assert seg.batch_masks([], answer) == []
+
+
 def test_run_writes_masks_overlay_and_rle_for_every_frame(bundle, clip_dir, tmp_path) -> None:
     from segapp.video import VideoSegmenter
 

@@ -77,9 +77,8 @@ def evaluate_video(
             for merge in merges:
                 answer = seg.reason(tokens, clip.instruction, merge=merge, prune=prune)
                 js, fs = [], []
-                for frame in frames:
+                for frame, (masks, _) in zip(frames, seg.batch_masks(frames, answer), strict=True):
                     index = frame.index
-                    masks, _ = seg.frame_masks(frame, answer)
                     pred = (
                         np.asarray(masks.any(0))
                         if len(masks)

@@ -6,7 +6,8 @@ Two streaming passes over the video:
 2. `reason`: DyCoke TTM on the dense tokens (or none), the LLM answers once, with optional
    DyCoke KV pruning while decoding -> `VideoAnswer` (one SAM prompt per `[SEG]`).
 3. `iter_masks`: every frame through SAM's encoder; each `[SEG]` prompt is decoded on every
-   frame (One-Token-Seg-All) -> per-frame masks, yielded one frame at a time.
+   frame (One-Token-Seg-All; one decoder call per `sam_batch` frames) -> per-frame masks,
+   yielded one frame at a time.
 `run` ties them together and writes masks, an overlay video and results.jsonl
 (segapp.video.outputs).
 """
@@ -57,7 +58,7 @@ class VideoOptions:
             "model's pointer finds the video target too rarely, see its model card)"
         },
     )
-    sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder call"})
+    sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder and decoder call"})
     overlay_max_side: int = field(default=1280, metadata={"help": "overlay video size limit"})
     max_pixels: int = field(default=MAX_FRAME_PIXELS, metadata={"help": "largest frame"})
 
@@ -259,55 +260,80 @@ class VideoSegmenter:
 
     # ---- pass 2: every frame through SAM -----------------------------------------------------
     @torch.inference_mode()
-    def iter_sam(self, source: str | Path) -> Iterator[SamFrame]:
-        """Every frame with its SAM image embedding, encoded `sam_batch` frames per call.
-
-        Only one batch of frames is in memory at a time.
-        """
+    def iter_sam_batches(self, source: str | Path) -> Iterator[list[SamFrame]]:
+        """Every frame with its SAM image embedding, `sam_batch` frames per encoder call and
+        per yielded list. Only one batch of frames is in memory at a time."""
         size = self.model.sam.image_encoder.img_size
         batch: list[tuple[int, np.ndarray]] = []
 
-        def flush() -> Iterator[SamFrame]:
+        def flush() -> list[SamFrame]:
             tensors, sizes = [], []
             for _, rgb in batch:
                 px, input_size = sam_tensor(_shrink(rgb, size), size)
                 tensors.append(px)
                 sizes.append(input_size)
             emb = self.model.encode_sam(torch.stack(tensors).to(self.device))
-            for j, (index, rgb) in enumerate(batch):
-                yield SamFrame(index, rgb, emb[j : j + 1], sizes[j])
+            return [
+                SamFrame(index, rgb, emb[j : j + 1], sizes[j])
+                for j, (index, rgb) in enumerate(batch)
+            ]
 
         for item in iter_frames(source, max_pixels=self.options.max_pixels):
             batch.append(item)
             if len(batch) >= self.options.sam_batch:
-                yield from flush()
+                yield flush()
                 batch = []
         if batch:
-            yield from flush()
+            yield flush()
+
+    def iter_sam(self, source: str | Path) -> Iterator[SamFrame]:
+        """Every frame with its SAM image embedding (see `iter_sam_batches`)."""
+        for batch in self.iter_sam_batches(source):
+            yield from batch
 
     @torch.inference_mode()
+    def batch_masks(
+        self, frames: list[SamFrame], answer: VideoAnswer
+    ) -> list[tuple[np.ndarray, list[float]]]:
+        """Per frame: M x H x W bool masks (one per `[SEG]` prompt) and M scores.
+
+        Every prompt on every frame goes through SAM's mask decoder in one call (each prompt
+        paired with its own frame's embedding; the same masks as one call per frame).
+        """
+        m = len(answer.prompts)
+        if not m or not frames:
+            return [(np.zeros((0, *f.rgb.shape[:2]), bool), []) for f in frames]
+        size = self.model.sam.image_encoder.img_size
+        prompts = answer.prompts.repeat(len(frames), 1, 1)  # frame-major: frame j, prompt k
+        if answer.track is not None:
+            points = torch.cat([answer.track.at(f.index) for f in frames]).to(self.device)
+            prompts = torch.cat([prompts, self.model.point_token(points).to(prompts.dtype)], 1)
+        embedding = torch.cat([f.embedding for f in frames])
+        image_of = torch.arange(len(frames), device=embedding.device).repeat_interleave(m)
+        low, iou = self.model.decode_masks(embedding, prompts, image_of)
+        scores = iou[:, 0].float().clamp(0, 1).cpu()
+        out = []
+        for j, frame in enumerate(frames):
+            rows = slice(j * m, (j + 1) * m)
+            logits = postprocess_logits(low[rows], frame.input_size, frame.rgb.shape[:2], size)
+            out.append(((logits > 0).cpu().numpy(), scores[rows].tolist()))
+        return out
+
     def frame_masks(self, frame: SamFrame, answer: VideoAnswer) -> tuple[np.ndarray, list[float]]:
         """M x H x W bool masks (one per `[SEG]` prompt) and M scores on one frame."""
-        h, w = frame.rgb.shape[:2]
-        if not len(answer.prompts):
-            return np.zeros((0, h, w), bool), []
-        size = self.model.sam.image_encoder.img_size
-        prompts = answer.prompts
-        if answer.track is not None:
-            points = answer.track.at(frame.index).to(self.device)
-            prompts = torch.cat([prompts, self.model.point_token(points).to(prompts.dtype)], 1)
-        low, iou = self.model.decode_masks(frame.embedding, prompts)
-        logits = postprocess_logits(low, frame.input_size, (h, w), size)
-        return (logits > 0).cpu().numpy(), iou[:, 0].float().clamp(0, 1).cpu().tolist()
+        return self.batch_masks([frame], answer)[0]
 
     def iter_masks(
         self, source: str | Path, answer: VideoAnswer
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[float]]]:
         """Yield (frame index, frame RGB, M x H x W bool masks, M scores) for every frame:
-        each `[SEG]` prompt decoded on every frame (One-Token-Seg-All), streamed."""
-        for frame in self.iter_sam(source):
-            masks, scores = self.frame_masks(frame, answer)
-            yield frame.index, frame.rgb, masks, scores
+        each `[SEG]` prompt decoded on every frame (One-Token-Seg-All), streamed one batch of
+        `sam_batch` frames at a time."""
+        for frames in self.iter_sam_batches(source):
+            for frame, (masks, scores) in zip(
+                frames, self.batch_masks(frames, answer), strict=True
+            ):
+                yield frame.index, frame.rgb, masks, scores
 
     # ---- everything, with files --------------------------------------------------------------
     def run(
