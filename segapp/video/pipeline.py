@@ -75,12 +75,18 @@ class FrameTokens:
 
 @dataclass
 class SamFrame:
-    """One decoded frame with its SAM image embedding (1 x D x h x w)."""
+    """One decoded frame: row `row` of its SAM encoder call's embeddings (B x D x h x w)."""
 
     index: int
     rgb: np.ndarray
-    embedding: torch.Tensor
+    batch: torch.Tensor
+    row: int
     input_size: tuple[int, int]  # (h, w) inside the padded SAM frame
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """1 x D x h x w."""
+        return self.batch[self.row : self.row + 1]
 
 
 @dataclass
@@ -273,10 +279,7 @@ class VideoSegmenter:
                 tensors.append(px)
                 sizes.append(input_size)
             emb = self.model.encode_sam(torch.stack(tensors).to(self.device))
-            return [
-                SamFrame(index, rgb, emb[j : j + 1], sizes[j])
-                for j, (index, rgb) in enumerate(batch)
-            ]
+            return [SamFrame(index, rgb, emb, j, sizes[j]) for j, (index, rgb) in enumerate(batch)]
 
         for item in iter_frames(source, max_pixels=self.options.max_pixels):
             batch.append(item)
@@ -308,15 +311,23 @@ class VideoSegmenter:
         if answer.track is not None:
             points = torch.cat([answer.track.at(f.index) for f in frames]).to(self.device)
             prompts = torch.cat([prompts, self.model.point_token(points).to(prompts.dtype)], 1)
-        embedding = torch.cat([f.embedding for f in frames])
-        image_of = torch.arange(len(frames), device=embedding.device).repeat_interleave(m)
+        # the frames' encoder batches side by side (no copy when they all come from one call)
+        offsets: dict[int, int] = {}
+        batches: list[torch.Tensor] = []
+        for f in frames:
+            if id(f.batch) not in offsets:
+                offsets[id(f.batch)] = sum(len(b) for b in batches)
+                batches.append(f.batch)
+        embedding = batches[0] if len(batches) == 1 else torch.cat(batches)
+        rows = [offsets[id(f.batch)] + f.row for f in frames]
+        image_of = torch.tensor(rows, device=embedding.device).repeat_interleave(m)
         low, iou = self.model.decode_masks(embedding, prompts, image_of)
         scores = iou[:, 0].float().clamp(0, 1).cpu()
         out = []
         for j, frame in enumerate(frames):
-            rows = slice(j * m, (j + 1) * m)
-            logits = postprocess_logits(low[rows], frame.input_size, frame.rgb.shape[:2], size)
-            out.append(((logits > 0).cpu().numpy(), scores[rows].tolist()))
+            mine = slice(j * m, (j + 1) * m)
+            logits = postprocess_logits(low[mine], frame.input_size, frame.rgb.shape[:2], size)
+            out.append(((logits > 0).cpu().numpy(), scores[mine].tolist()))
         return out
 
     def frame_masks(self, frame: SamFrame, answer: VideoAnswer) -> tuple[np.ndarray, list[float]]:
