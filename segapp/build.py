@@ -84,6 +84,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         eos_token_id=chat.eos_id,
         vision_select_layer=cfg.vision_select_layer,
         vision_merge=cfg.vision_merge,
+        prefix_attention=cfg.prefix_attention,
     )
 
 

@@ -68,6 +68,12 @@ class ModelConfig:
         "LayerNorm on the projector output: image tokens keep the scale of text embeddings, so "
         "the added patch-position term is not drowned by large vision features",
     )
+    prefix_attention: bool = _f(
+        False,
+        "the prompt (instruction and image tokens) attends bidirectionally and only the answer "
+        "causally (a prefix LM), so every image token can compare itself with all the others "
+        "(off for published LISA checkpoints, which are causal throughout)",
+    )
     # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
     projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
     vision_select_layer: int = _f(
@@ -127,6 +133,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "seg_pointer",
     "vision_stem",
     "projector_norm",
+    "prefix_attention",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

@@ -85,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     shape = {
         "vision_stem": args.vision_stem,
         "projector_norm": args.projector_norm or None,
+        "prefix_attention": args.prefix_attention or None,
         "chat_format": args.chat_format,
     }
     for field, value in shape.items():
@@ -208,6 +209,12 @@ def add_train_command(sub: Any) -> None:
         action="store_true",
         help="LayerNorm on the projector output of a model built from scratch (image tokens "
         "at text-embedding scale, so patch positions stay readable)",
+    )
+    t.add_argument(
+        "--prefix-attention",
+        action="store_true",
+        help="build the model from scratch as a prefix LM: instruction and image tokens attend "
+        "to each other both ways, the answer causally",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)

@@ -209,9 +209,10 @@ def forward_losses(
         terms["token_probe"] = token_probe_loss(aux, projected, batch, cfg)
     tokens = projected[batch.query_image]
     embeds = model.embed_inputs(batch.input_ids, tokens)
-    ce, last = lm_loss(
-        model.llm, batch.labels, inputs_embeds=embeds, attention_mask=batch.attention_mask
+    mask = model.lm_attention_mask(
+        SegLLM.prompt_lengths(batch.labels), embeds.shape[1], batch.attention_mask, embeds.dtype
     )
+    ce, last = lm_loss(model.llm, batch.labels, inputs_embeds=embeds, attention_mask=mask)
     src = SegLLM.seg_source_mask(batch.input_ids, model.seg_token_id)
     hidden = last[src]
     if hidden.shape[0] != batch.seg_masks.shape[0]:

@@ -330,3 +330,68 @@ def test_mask_labels_drop_lead_in_words() -> None:
     answer = "There are two hearts: the one on the left [SEG] and the large one [SEG]."
     assert mask_labels(answer, 2) == ["one on the left", "large one"]
     assert mask_labels("Sure, [SEG], [SEG].", 3) == ["target 1", "target 2", "target 3"]
+
+
+def test_prefix_attention_trains_on_what_generation_computes(tokenizer) -> None:
+    """A prefix LM's teacher-forced hidden states are the ones prefill + KV-cached decoding
+    give, and its image tokens (unlike a causal model's) read the prompt tokens after them."""
+    from segapp.build import build_segllm
+    from segapp.config import MODEL_PRESETS
+    from segapp.modeling.losses import lm_loss
+    from segapp.modeling.segllm import SegLLM
+
+    torch.manual_seed(3)
+    cfg = MODEL_PRESETS["tiny"]
+    models = {
+        prefix: build_segllm(cfg.replace(prefix_attention=prefix), tokenizer).eval()
+        for prefix in (False, True)
+    }
+    models[True].load_state_dict(models[False].state_dict())  # same weights, other mask
+    model = models[True]
+    n = model.image_grid_tokens
+    img, vocab = model.image_token_id, 200
+    prompt = [1, *torch.randint(5, vocab, (4,)).tolist(), *[img] * n, 7, 8]
+    answer = torch.randint(5, vocab, (3,)).tolist()
+    ids = torch.tensor([prompt + answer])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prompt) :] = ids[0, len(prompt) :]
+    assert SegLLM.prompt_lengths(labels).tolist() == [len(prompt)]
+    image = torch.randn(1, n, cfg.llm_hidden)
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, image)
+        mask = model.lm_attention_mask(
+            SegLLM.prompt_lengths(labels), ids.shape[1], torch.ones_like(ids), embeds.dtype
+        )
+        _, taught = lm_loss(model.llm, labels, inputs_embeds=embeds, attention_mask=mask)
+        pre = embeds[:, : len(prompt)]
+        out = model.llm(
+            inputs_embeds=pre,
+            attention_mask=model.prefill_attention_mask(pre),
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        torch.testing.assert_close(
+            taught[:, : len(prompt)], out.hidden_states[-1], rtol=1e-4, atol=1e-4
+        )
+        step = model.llm(
+            inputs_embeds=embeds[:, len(prompt) : len(prompt) + 1],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        torch.testing.assert_close(
+            taught[:, len(prompt)], step.hidden_states[-1][:, 0], rtol=1e-4, atol=1e-4
+        )
+        # the first image token reads the last one (and the prompt's last words) only with
+        # prefix attention
+        later = embeds.clone()
+        later[0, len(prompt) - 1] += 1.0
+        first = prompt.index(img)
+        for prefix, m in models.items():
+            mk = m.lm_attention_mask(
+                SegLLM.prompt_lengths(labels), ids.shape[1], None, embeds.dtype
+            )
+            a = lm_loss(m.llm, labels, inputs_embeds=embeds, attention_mask=mk)[1]
+            b = lm_loss(m.llm, labels, inputs_embeds=later, attention_mask=mk)[1]
+            moved = float((a[0, first] - b[0, first]).abs().max())
+            assert (moved > 1e-4) == prefix, (prefix, moved)

@@ -98,6 +98,12 @@ def _causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
     return full.triu(1)[None, None]
 
 
+def _prefill_mask(model: SegLLM, hidden: torch.Tensor) -> torch.Tensor:
+    """Additive prefill mask for `hidden` (1 x n x H): causal, or all-visible for a prefix LM."""
+    mask = model.prefill_attention_mask(hidden)
+    return _causal_mask(hidden.shape[1], hidden) if mask is None else mask
+
+
 def _last_query(
     layer: Any, hidden: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
@@ -192,7 +198,7 @@ def reduced_generate(
         query = _last_query(layer, h, pe) if fastv and i == fastv.layer - 1 else None
         h = layer(
             h,
-            attention_mask=_causal_mask(h.shape[1], h),
+            attention_mask=_prefill_mask(model, h),
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,

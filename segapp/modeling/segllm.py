@@ -56,6 +56,7 @@ class SegLLM(nn.Module):
         eos_token_id: int,
         vision_select_layer: int = -1,
         vision_merge: int = 1,
+        prefix_attention: bool = False,
     ) -> None:
         super().__init__()
         self.vision_tower = vision_tower
@@ -69,6 +70,7 @@ class SegLLM(nn.Module):
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
         self.vision_merge = vision_merge
+        self.prefix_attention = prefix_attention  # prompt bidirectional, answer causal
         self.vision_select_layer = vision_select_layer  # LLaVA takes the second-to-last layer
 
     @property
@@ -191,6 +193,47 @@ class SegLLM(nn.Module):
             return gen.seg_hidden.new_zeros(0, 1, width)
         return self.seg_prompts(gen.seg_hidden, gen.image_hidden, gen.image_index)
 
+    def lm_attention_mask(
+        self,
+        prompt_len: torch.Tensor,
+        length: int,
+        padding: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """The `attention_mask` to hand the causal LM for Q rows of `length` tokens.
+
+        prompt_len: Q prompt lengths (everything before the answer); padding: Q x L (1 = real
+        token) or None. A causal model gets `padding` back unchanged (transformers adds the
+        causal part). With `prefix_attention`, a Q x 1 x L x L additive mask where query i may
+        read key j if j <= i, or if both are in the prompt (a prefix LM), and j is no padding.
+        Generation prefills with the whole prompt, so there every position reads every other.
+        """
+        if not self.prefix_attention:
+            return padding
+        device = prompt_len.device
+        pos = torch.arange(length, device=device)
+        causal = pos[None, :] <= pos[:, None]  # L x L: query row, key column
+        in_prompt = pos[None, :] < prompt_len[:, None]  # Q x L
+        allowed = causal[None] | (in_prompt[:, :, None] & in_prompt[:, None, :])
+        if padding is not None:
+            allowed = allowed & padding.to(device=device, dtype=torch.bool)[:, None, :]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def prefill_attention_mask(self, embeds: torch.Tensor) -> torch.Tensor | None:
+        """`lm_attention_mask` for prefilling whole prompts (embeds Q x L x H, no padding)."""
+        rows, length = embeds.shape[:2]
+        prompt_len = torch.full((rows,), length, device=embeds.device)
+        return self.lm_attention_mask(prompt_len, length, None, embeds.dtype)
+
+    @staticmethod
+    def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
+        """Q: tokens before each row's first labelled (answer) position; -100 marks no label."""
+        labelled = labels != -100
+        first = labelled.int().argmax(1)
+        return torch.where(labelled.any(1), first, labels.shape[1])
+
     @staticmethod
     def seg_source_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:
         """Q x L bool: positions whose next token is `[SEG]` (their hidden state predicts it)."""
@@ -266,7 +309,12 @@ class SegLLM(nn.Module):
         t0 = time.perf_counter()
         batch = input_ids.shape[0]
         embeds = self.embed_inputs(input_ids, image_tokens)
-        out = self.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=self.prefill_attention_mask(embeds),
+            use_cache=True,
+            output_hidden_states=True,
+        )
         past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
         slots = input_ids == self.image_token_id  # kept for the pointer only
         image_hidden = [

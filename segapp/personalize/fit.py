@@ -150,7 +150,10 @@ def _step_losses(
     positive = pool.positive[pick].tolist()
     ids, attn, labels = (t.to(model.device) for t in _rows(bundle, name, positive, rng))
     embeds = model.embed_inputs(ids, pool.tokens[pick])
-    ce, last = lm_loss(model.llm, labels, inputs_embeds=embeds, attention_mask=attn)
+    mask = model.lm_attention_mask(
+        SegLLM.prompt_lengths(labels), embeds.shape[1], attn, embeds.dtype
+    )
+    ce, last = lm_loss(model.llm, labels, inputs_embeds=embeds, attention_mask=mask)
     terms = {"ce": ce}
     src = SegLLM.seg_source_mask(ids, model.seg_token_id)
     hidden = last[src]  # one [SEG] per positive row, in row order

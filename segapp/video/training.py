@@ -110,8 +110,15 @@ def video_losses(
     positions[slots] = first + offsets
     positions[first + len(visual) :] += t * n - len(visual)
     embeds = model.embed_inputs(ids, visual[None])
+    mask = model.lm_attention_mask(
+        torch.tensor([len(prompt)], device=device), ids.shape[1], None, embeds.dtype
+    )
     ce, last = lm_loss(
-        model.llm, labels, inputs_embeds=embeds, position_ids=positions[None].to(device)
+        model.llm,
+        labels,
+        inputs_embeds=embeds,
+        position_ids=positions[None].to(device),
+        attention_mask=mask,
     )
     hidden = last[SegLLM.seg_source_mask(ids, model.seg_token_id)]
     terms = {"video_ce": ce}
