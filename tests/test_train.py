@@ -269,3 +269,21 @@ def test_token_probe_reads_the_llm_image_tokens_with_merged_cover() -> None:
     probe.backward()  # it trains the projector, which makes the LLM's image tokens
     assert model.projector[0].weight.grad is not None
     assert float(model.projector[0].weight.grad.abs().sum()) > 0
+
+
+def test_prefix_attention_is_saved_with_the_model_and_only_built_from_scratch(
+    tmp_path: Path, tokenizer, capsys
+) -> None:
+    from segapp.build import build_segllm, save_bundle
+    from segapp.cli import run
+
+    cfg = TINY.replace(prefix_attention=True)
+    assert "prefix_attention" not in TINY.to_dict()  # older config.json files stay as they were
+    save_bundle(build_segllm(cfg, tokenizer), tokenizer, cfg, tmp_path / "w")
+    loaded = load_bundle(tmp_path / "w")
+    assert loaded.config.prefix_attention and loaded.model.prefix_attention
+    code = run(
+        ["train", "--init-from", str(tmp_path / "w"), "--prefix-attention", "--out", str(tmp_path)]
+    )
+    assert code != 0
+    assert "--prefix-attention applies to a model built from scratch" in capsys.readouterr().err
