@@ -205,6 +205,12 @@ class TrainConfig:
         "video samples also train the [SEG] pointer on each LLM frame and prompt SAM with its "
         "point track (as `segapp video` does with a pointer model)",
     )
+    video_token_losses: bool = _f(
+        False,
+        "video samples also train, over every LLM frame's visual tokens, the target head "
+        "(with target_weight) and the [SEG] pointer's cross-entropy (SAM is still prompted "
+        "with [SEG] alone, as `segapp video` does by default)",
+    )
     threads: int = _f(0, "torch CPU threads; 0 = all cores (set it lower on a busy machine)")
     workers: int = _f(1, "data-generating worker processes")
     checkpoint_every: int = _f(250, "steps between resumable checkpoints")

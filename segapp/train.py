@@ -230,7 +230,7 @@ def train(
                     sam_frames=train_cfg.video_sam_frames,
                     answer_order=train_cfg.answer_order,
                 )
-                clips.append(video_losses(model, sample, chat, model_cfg, train_cfg))
+                clips.append(video_losses(model, sample, chat, model_cfg, train_cfg, aux))
             video = {k: torch.stack([c[k] for c in clips if k in c]).mean() for k in clips[0]}
             terms.update(video)
             terms["total"] = terms["total"] + video["video_total"]

@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "answer_order",
             "probe_swap",
             "video_pointer",
+            "video_token_losses",
             "video_clips",
             "video_sam_frames",
         )
@@ -197,6 +198,13 @@ def add_train_command(sub: Any) -> None:
         default=None,
         help="video samples also train the [SEG] pointer per frame and prompt SAM with its "
         "point track, as `segapp video` does",
+    )
+    t.add_argument(
+        "--video-token-losses",
+        action="store_true",
+        default=None,
+        help="video samples also train the target head and the [SEG] pointer over every LLM "
+        "frame's visual tokens (SAM still prompted with [SEG] alone)",
     )
     t.add_argument(
         "--vision-stem",

@@ -426,6 +426,40 @@ def test_video_training_sample_gives_finite_losses_and_gradients(random_model_di
     assert len(sample.frames) == 4 and len(sample.sam_frames) == 2
 
 
+def test_video_token_losses_train_the_target_head_and_pointer_on_every_frame(
+    random_model_dir,
+) -> None:
+    from segapp.build import load_model
+    from segapp.config import TrainConfig
+    from segapp.train_losses import AuxHeads
+    from segapp.video.training import make_video_sample, video_losses
+
+    b = load_model(str(random_model_dir))
+    b.model.train()
+    aux = AuxHeads(b.config)
+    tcfg = TrainConfig(video_token_losses=True, target_weight=1.0)
+    sample = make_video_sample(b.config, seed=0, step=3)
+    assert sample.vision_cover is not None and bool((sample.vision_cover >= 0.5).any())
+    for merge in (None, 0.7):
+        sample.merge = merge
+        b.model.zero_grad()
+        aux.zero_grad()
+        terms = video_losses(b.model, sample, b.chat, b.config, tcfg, aux)
+        plain = video_losses(b.model, sample, b.chat, b.config, TrainConfig(target_weight=1.0))
+        assert "video_target" not in plain and "video_seg_pointer" not in plain
+        for name in ("video_target", "video_seg_pointer"):
+            assert torch.isfinite(terms[name]) and terms[name] > 0, name
+        # the extra terms are in the total, and only they differ from the plain sample
+        extra = terms["video_target"] + terms["video_seg_pointer"]
+        assert torch.allclose(terms["video_total"], plain["video_total"] + extra, atol=1e-5)
+        terms["video_total"].backward()
+        assert aux.target.weight.grad is not None and aux.target.weight.grad.abs().sum() > 0
+        assert b.model.seg_pointer is not None
+        assert b.model.seg_pointer.q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="training heads"):
+        video_losses(b.model, sample, b.chat, b.config, tcfg)
+
+
 def test_extra_video_clips_of_a_step_are_new_clips(random_model_dir) -> None:
     from segapp.build import load_model
     from segapp.video.training import make_video_sample

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.answers import in_order
@@ -23,7 +24,7 @@ from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
-from segapp.train_losses import decode_per_image, pointer_choice
+from segapp.train_losses import AuxHeads, decode_per_image, pointer_choice
 from segapp.video.sampling import sample_frames
 from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
 from segapp.video.ttm import temporal_token_merge
@@ -86,9 +87,18 @@ def make_video_sample(
 
 
 def video_losses(
-    model: SegLLM, sample: VideoSample, chat: ChatFormat, cfg: ModelConfig, tcfg: TrainConfig
+    model: SegLLM,
+    sample: VideoSample,
+    chat: ChatFormat,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    aux: AuxHeads | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Text CE + 2.0 BCE + 0.5 Dice of one video sample ('video_total' is their weighted sum)."""
+    """Text CE + 2.0 BCE + 0.5 Dice of one video sample ('video_total' is their weighted sum).
+
+    With `tcfg.video_token_losses` (and the training-only heads `aux`), also the target head's
+    BCE and the `[SEG]` pointer's cross-entropy over every visual token of every LLM frame,
+    the dense "which tokens are the target" signal the image batches get."""
     device = model.device
     feats = model.vision_tower(pixel_values=sample.vision_pixels.to(device)).last_hidden_state
     tokens = model.project(feats[:, 1:], cfg.vision_image_size)  # T x N x H
@@ -123,6 +133,21 @@ def video_losses(
     hidden = last[SegLLM.seg_source_mask(ids, model.seg_token_id)]
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
+    if tcfg.video_token_losses:
+        if aux is None or sample.vision_cover is None:
+            raise ValueError("video_token_losses needs the training heads and the clip's cover")
+        image_hidden = last[0, slots.to(device)]  # V x H, the kept visual tokens in order
+        cover = sample.vision_cover.to(device)[index[:, 0], index[:, 1]]  # V
+        if tcfg.target_weight:
+            logits = aux.target(image_hidden)[:, 0]
+            terms["video_target"] = F.binary_cross_entropy_with_logits(
+                logits, (cover >= 0.5).to(logits.dtype)
+            )
+            total = total + tcfg.target_weight * terms["video_target"]
+        if hidden.shape[0] and bool(cover.gt(0).any()):
+            scores = (model.seg_pointer or aux.pointer).scores(hidden[:1], image_hidden)
+            terms["video_seg_pointer"] = SegPointer.loss(scores, cover[None])
+            total = total + tcfg.pointer_weight * terms["video_seg_pointer"]
     if hidden.shape[0]:
         prompts = model.seg_prompts(hidden[:1])  # one target per clip
         track = None
