@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from segapp.data.answers import in_order
 from segapp.data.videos import VIDEO_KINDS, generate_clip
 from segapp.errors import InputError
 from segapp.export import rle_to_mask
@@ -198,6 +199,11 @@ def test_video_world_properties() -> None:
             assert areas[0] == 0 and areas[-1] > 0
         if clip.kind == "grows":
             assert areas[-1] > 1.5 * areas[0]
+        # the phrase a `restate` answer repeats is the instruction's own (plus "the", "that")
+        words = set(clip.instruction.rstrip("?").split()) | {"the", "that"}
+        assert clip.phrase and set(clip.phrase.split()) <= words, clip.instruction
+        restated = in_order(clip.answer, "restate", clip.phrase)
+        assert restated.startswith(f"It is {clip.phrase} [SEG], the ")
     assert seen == set(VIDEO_KINDS)
     a, b = generate_clip("val", 5), generate_clip("val", 5)
     assert np.array_equal(a.frames, b.frames) and a.instruction == b.instruction

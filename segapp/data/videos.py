@@ -59,6 +59,32 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# the noun phrase of each template (the same order), which a `restate` answer repeats
+_PHRASES: dict[str, tuple[str, ...]] = {
+    "fastest": (
+        "the shape that moves fastest",
+        "the object moving the fastest",
+        "the quickest shape",
+    ),
+    "colour_change": (
+        "the object that changes colour",
+        "the shape whose colour changes",
+        "the object that switches colour",
+    ),
+    "disappears": (
+        "the one that disappears behind the square",
+        "the shape that hides behind the square",
+        "the object that goes behind the square",
+    ),
+    "appears": (
+        "the shape that appears later",
+        "the object that shows up during the video",
+        "the shape that appears",
+    ),
+    "grows": ("the shape that grows", "the object that gets bigger", "the shape that is growing"),
+}
+
+
 @dataclass
 class Track:
     """One object's path: attributes at frame 0, then per-frame centre, radius, colour, shown."""
@@ -88,6 +114,7 @@ class VideoClip:
     instruction: str
     answer: str
     kind: str
+    phrase: str = ""  # the instruction's noun phrase ("the shape that grows")
 
 
 def _attrs(rng: np.random.Generator, split: str, used: set[str]) -> tuple[str, str, str, str]:
@@ -169,5 +196,6 @@ def generate_clip(split: str, index: int, *, frames: int = FRAMES) -> VideoClip:
     t0 = target.obj
     colour = t0.color if kind != "colour_change" else f"{t0.color}-to-{target.colors[-1]}"
     answer = f"It is [SEG], the {colour.replace('-', ' ')} {t0.shape}."  # [SEG] first: see queries
-    text = _TEMPLATES[kind][int(rng.integers(len(_TEMPLATES[kind])))]
-    return VideoClip(np.stack(images), np.stack(masks), text, answer, kind)
+    which = int(rng.integers(len(_TEMPLATES[kind])))
+    text, phrase = _TEMPLATES[kind][which], _PHRASES[kind][which]
+    return VideoClip(np.stack(images), np.stack(masks), text, answer, kind, phrase)

@@ -70,7 +70,7 @@ def make_video_sample(
     sam = torch.stack([sam_tensor(clip.frames[i], cfg.sam_image_size)[0] for i in chosen])
     masks = mask_tensor(clip.masks[chosen], cfg.sam_image_size)
     merge = MERGES[int(rng.integers(len(MERGES)))]
-    answer = in_order(clip.answer, answer_order)
+    answer = in_order(clip.answer, answer_order, clip.phrase)  # restate: the phrase too
     grid = cfg.vision_image_size // cfg.vision_patch // cfg.vision_merge
     cover = patch_cover(clip.masks[list(picks)], grid)
     return VideoSample(
