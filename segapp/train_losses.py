@@ -123,6 +123,14 @@ def target_loss(
     cover = image_hidden.new_zeros(image_hidden.shape[:2])
     if len(batch.seg_query):
         cover = cover.index_add(0, batch.seg_query, batch.seg_cover.to(cover.dtype))
+    return target_bce(head, image_hidden, cover)
+
+
+def target_bce(
+    head: torch.nn.Module, image_hidden: torch.Tensor, cover: torch.Tensor
+) -> torch.Tensor:
+    """The target head's BCE: image tokens (... x H) whose target cover (...) is half or more
+    are positives (`target_loss` for image batches, `video_losses` for clips)."""
     logits = head(image_hidden)[..., 0]
     return F.binary_cross_entropy_with_logits(logits, (cover >= 0.5).to(logits.dtype))
 

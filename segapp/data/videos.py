@@ -30,58 +30,39 @@ from segapp.data.world import (
 
 VIDEO_KINDS = ("fastest", "colour_change", "disappears", "appears", "grows")
 FRAMES = 16
-_TEMPLATES: dict[str, tuple[str, ...]] = {
+# per kind: (instruction, its noun phrase, which a `restate` answer repeats before [SEG])
+_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
     "fastest": (
-        "the shape that moves fastest",
-        "segment the object moving the fastest",
-        "which shape is the quickest?",
+        ("the shape that moves fastest", "the shape that moves fastest"),
+        ("segment the object moving the fastest", "the object moving the fastest"),
+        ("which shape is the quickest?", "the quickest shape"),
     ),
     "colour_change": (
-        "the object that changes colour",
-        "segment the shape whose colour changes",
-        "which object switches colour?",
+        ("the object that changes colour", "the object that changes colour"),
+        ("segment the shape whose colour changes", "the shape whose colour changes"),
+        ("which object switches colour?", "the object that switches colour"),
     ),
     "disappears": (
-        "the one that disappears behind the square",
-        "segment the shape that hides behind the square",
-        "which object goes behind the square?",
+        ("the one that disappears behind the square", "the one that disappears behind the square"),
+        (
+            "segment the shape that hides behind the square",
+            "the shape that hides behind the square",
+        ),
+        ("which object goes behind the square?", "the object that goes behind the square"),
     ),
     "appears": (
-        "the shape that appears later",
-        "segment the object that shows up during the video",
-        "which shape appears?",
+        ("the shape that appears later", "the shape that appears later"),
+        (
+            "segment the object that shows up during the video",
+            "the object that shows up during the video",
+        ),
+        ("which shape appears?", "the shape that appears"),
     ),
     "grows": (
-        "the shape that grows",
-        "segment the object that gets bigger",
-        "which shape is growing?",
+        ("the shape that grows", "the shape that grows"),
+        ("segment the object that gets bigger", "the object that gets bigger"),
+        ("which shape is growing?", "the shape that is growing"),
     ),
-}
-
-
-# the noun phrase of each template (the same order), which a `restate` answer repeats
-_PHRASES: dict[str, tuple[str, ...]] = {
-    "fastest": (
-        "the shape that moves fastest",
-        "the object moving the fastest",
-        "the quickest shape",
-    ),
-    "colour_change": (
-        "the object that changes colour",
-        "the shape whose colour changes",
-        "the object that switches colour",
-    ),
-    "disappears": (
-        "the one that disappears behind the square",
-        "the shape that hides behind the square",
-        "the object that goes behind the square",
-    ),
-    "appears": (
-        "the shape that appears later",
-        "the object that shows up during the video",
-        "the shape that appears",
-    ),
-    "grows": ("the shape that grows", "the object that gets bigger", "the shape that is growing"),
 }
 
 
@@ -196,6 +177,5 @@ def generate_clip(split: str, index: int, *, frames: int = FRAMES) -> VideoClip:
     t0 = target.obj
     colour = t0.color if kind != "colour_change" else f"{t0.color}-to-{target.colors[-1]}"
     answer = f"It is [SEG], the {colour.replace('-', ' ')} {t0.shape}."  # [SEG] first: see queries
-    which = int(rng.integers(len(_TEMPLATES[kind])))
-    text, phrase = _TEMPLATES[kind][which], _PHRASES[kind][which]
+    text, phrase = _TEMPLATES[kind][int(rng.integers(len(_TEMPLATES[kind])))]
     return VideoClip(np.stack(images), np.stack(masks), text, answer, kind, phrase)

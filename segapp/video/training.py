@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.answers import in_order
@@ -24,7 +23,7 @@ from segapp.modeling.pointer import SegPointer
 from segapp.modeling.segllm import SegLLM
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
-from segapp.train_losses import AuxHeads, decode_per_image, pointer_choice
+from segapp.train_losses import AuxHeads, decode_per_image, pointer_choice, target_bce
 from segapp.video.sampling import sample_frames
 from segapp.video.tracks import PointTrack, all_tokens, pointer_grid
 from segapp.video.ttm import temporal_token_merge
@@ -139,10 +138,7 @@ def video_losses(
         image_hidden = last[0, slots.to(device)]  # V x H, the kept visual tokens in order
         cover = sample.vision_cover.to(device)[index[:, 0], index[:, 1]]  # V
         if tcfg.target_weight:
-            logits = aux.target(image_hidden)[:, 0]
-            terms["video_target"] = F.binary_cross_entropy_with_logits(
-                logits, (cover >= 0.5).to(logits.dtype)
-            )
+            terms["video_target"] = target_bce(aux.target, image_hidden, cover)
             total = total + tcfg.target_weight * terms["video_target"]
         if hidden.shape[0] and bool(cover.gt(0).any()):
             scores = (model.seg_pointer or aux.pointer).scores(hidden[:1], image_hidden)
