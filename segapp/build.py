@@ -70,6 +70,9 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     pointer = SegPointer(cfg.llm_hidden, cfg.seg_pointer) if cfg.seg_pointer else None
     if pointer is not None:
         init_weights_(pointer)
+    video_pointer = SegPointer(cfg.llm_hidden, cfg.video_seg_pointer) if cfg.video_seg_pointer else None
+    if video_pointer is not None:
+        init_weights_(video_pointer)
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
     return SegLLM(
         vision_tower=build_vision_tower(cfg),
@@ -79,6 +82,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         sam=build_sam(cfg),
         image_pos=image_pos,
         seg_pointer=pointer,
+        video_seg_pointer=video_pointer,
         image_token_id=chat.image_id,
         seg_token_id=chat.seg_id,
         eos_token_id=chat.eos_id,

@@ -56,6 +56,12 @@ class ModelConfig:
         "width of the [SEG] pointer (0 = none): each [SEG] also picks the image token of its "
         "target and adds SAM's point prompt at that patch centre (off for published LISA)",
     )
+    video_seg_pointer: int = _f(
+        0,
+        "width of a second [SEG] pointer for video (0 = video uses the image pointer): it "
+        "scores every visual token of the LLM's frames, so where it points gives the point "
+        "track and how much of it each frame holds says whether the target is there",
+    )
     vision_stem: str = _f(
         "patch",
         "vision tower input layer: 'patch' (CLIP's one strided convolution, as in published "
@@ -134,6 +140,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "vision_stem",
     "projector_norm",
     "prefix_attention",
+    "video_seg_pointer",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

@@ -87,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "vision_stem": args.vision_stem,
         "projector_norm": args.projector_norm or None,
         "prefix_attention": args.prefix_attention or None,
+        "video_seg_pointer": args.video_seg_pointer,
         "chat_format": args.chat_format,
     }
     for field, value in shape.items():
@@ -223,6 +224,14 @@ def add_train_command(sub: Any) -> None:
         action="store_true",
         help="build the model from scratch as a prefix LM: instruction and image tokens attend "
         "to each other both ways, the answer causally",
+    )
+    t.add_argument(
+        "--video-seg-pointer",
+        type=int,
+        metavar="WIDTH",
+        help="build the model from scratch with a second [SEG] pointer of this width for "
+        "video (trained by --video-token-losses; gives `segapp video` its point track and "
+        "per-frame presence), so the image pointer is left to images",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)

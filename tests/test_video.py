@@ -466,6 +466,36 @@ def test_video_token_losses_train_the_target_head_and_pointer_on_every_frame(
         video_losses(b.model, sample, b.chat, b.config, tcfg)
 
 
+def test_a_video_pointer_head_trains_on_clips_and_leaves_the_image_pointer_alone(
+    tmp_path, tokenizer
+) -> None:
+    from segapp.build import build_segllm, load_model, save_bundle
+    from segapp.config import MODEL_PRESETS, TrainConfig
+    from segapp.train_losses import AuxHeads
+    from segapp.video.training import make_video_sample, video_losses
+
+    cfg = MODEL_PRESETS["tiny"].replace(video_seg_pointer=32)
+    torch.manual_seed(0)
+    save_bundle(build_segllm(cfg, tokenizer), tokenizer, cfg, tmp_path / "m")
+    b = load_model(str(tmp_path / "m"))  # the head is saved and loaded with the model
+    assert b.config.video_seg_pointer == 32
+    model = b.model
+    assert model.video_seg_pointer is not None and model.video_pointer is model.video_seg_pointer
+    assert model.video_seg_pointer.q.out_features == 32
+    model.train()
+    aux = AuxHeads(b.config)
+    tcfg = TrainConfig(video_token_losses=True, target_weight=1.0)
+    sample = make_video_sample(b.config, seed=0, step=3)
+    terms = video_losses(model, sample, b.chat, b.config, tcfg, aux)
+    assert torch.isfinite(terms["video_seg_pointer"]) and terms["video_seg_pointer"] > 0
+    terms["video_total"].backward()
+    assert model.video_seg_pointer.q.weight.grad.abs().sum() > 0
+    assert model.seg_pointer is not None and model.seg_pointer.q.weight.grad is None
+    # SAM is prompted with the video pointer's track, so the dice differs from [SEG] alone
+    alone = video_losses(model, sample, b.chat, b.config, TrainConfig(target_weight=1.0))
+    assert not torch.allclose(terms["video_dice"], alone["video_dice"])
+
+
 def test_extra_video_clips_of_a_step_are_new_clips(random_model_dir) -> None:
     from segapp.build import load_model
     from segapp.video.training import make_video_sample

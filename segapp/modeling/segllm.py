@@ -51,6 +51,7 @@ class SegLLM(nn.Module):
         sam: Sam,
         image_pos: nn.Module | None = None,
         seg_pointer: SegPointer | None = None,
+        video_seg_pointer: SegPointer | None = None,
         image_token_id: int,
         seg_token_id: int,
         eos_token_id: int,
@@ -66,6 +67,7 @@ class SegLLM(nn.Module):
         self.sam = sam
         self.image_pos = image_pos
         self.seg_pointer = seg_pointer
+        self.video_seg_pointer = video_seg_pointer  # None: video uses seg_pointer
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
@@ -76,6 +78,11 @@ class SegLLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.sam.pixel_mean.device
+
+    @property
+    def video_pointer(self) -> SegPointer | None:
+        """The pointer video uses: its own if the model has one, else the image pointer."""
+        return self.video_seg_pointer or self.seg_pointer
 
     # ---- encoders (expensive, cached by the predictor) -------------------------------------
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:

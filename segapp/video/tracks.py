@@ -69,7 +69,7 @@ def point_track(
 ) -> PointTrack:
     """Each `[SEG]`'s best patch on every LLM frame (`frames`: their video frame numbers), as
     SAM points. seg_hidden M x H; image_hidden V x H at (frame, patch) `index` (V x 2)."""
-    pointer = model.seg_pointer
+    pointer = model.video_pointer
     assert pointer is not None
     t, n = len(frames), model.image_grid_tokens
     grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)

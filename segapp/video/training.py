@@ -132,6 +132,7 @@ def video_losses(
     hidden = last[SegLLM.seg_source_mask(ids, model.seg_token_id)]
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
+    track: PointTrack | None = None
     if tcfg.video_token_losses:
         if aux is None or sample.vision_cover is None:
             raise ValueError("video_token_losses needs the training heads and the clip's cover")
@@ -141,12 +142,13 @@ def video_losses(
             terms["video_target"] = target_bce(aux.target, image_hidden, cover)
             total = total + tcfg.target_weight * terms["video_target"]
         if hidden.shape[0] and bool(cover.gt(0).any()):
-            scores = (model.seg_pointer or aux.pointer).scores(hidden[:1], image_hidden)
+            scores = (model.video_pointer or aux.pointer).scores(hidden[:1], image_hidden)
             terms["video_seg_pointer"] = SegPointer.loss(scores, cover[None])
             total = total + tcfg.pointer_weight * terms["video_seg_pointer"]
+            if model.video_seg_pointer is not None:  # SAM is prompted with its track
+                track = _clip_track(model, scores, index, sample, tcfg)
     if hidden.shape[0]:
         prompts = model.seg_prompts(hidden[:1])  # one target per clip
-        track = None
         if tcfg.video_pointer and model.seg_pointer is not None:
             track, terms["video_pointer"] = _pointer_track(
                 model, hidden[:1], last, ids, index, sample, tcfg
@@ -173,6 +175,20 @@ def video_losses(
     return terms
 
 
+def _clip_track(
+    model: SegLLM, scores: torch.Tensor, index: torch.Tensor, sample: VideoSample, tcfg: TrainConfig
+) -> PointTrack:
+    """The point track of the video pointer's scores over the whole clip (1 x V): on each LLM
+    frame, `pointer_teacher` of the time its best token on the target, else where it points
+    (a frame without the target: where it points), as `segapp video` prompts SAM."""
+    assert sample.vision_cover is not None
+    t, n = sample.vision_cover.shape
+    grid = pointer_grid(scores, index, t, n)[0]  # T x N
+    choice = pointer_choice(grid, sample.vision_cover.to(grid.device), tcfg.pointer_teacher, None)
+    points = model.patch_centres(n, model.vision_size)[choice]
+    return PointTrack(list(sample.frames), points[None])
+
+
 def _pointer_track(
     model: SegLLM,
     hidden: torch.Tensor,
@@ -185,11 +201,11 @@ def _pointer_track(
     """The `[SEG]` pointer on every LLM frame: its loss against the target's cover per frame
     (a frame without the target adds nothing) and the point track SAM is prompted with
     (`pointer_teacher` of the frames on the target, else where the pointer points)."""
-    assert model.seg_pointer is not None and sample.vision_cover is not None
+    assert model.video_pointer is not None and sample.vision_cover is not None
     slots = ids[0] == model.image_token_id
     image_hidden = last[0, slots]
     t, n = sample.vision_cover.shape
-    scores = model.seg_pointer.scores(hidden, image_hidden)
+    scores = model.video_pointer.scores(hidden, image_hidden)
     grid = pointer_grid(scores, index, t, n)[0]  # T x N
     cover = sample.vision_cover.to(grid.device)
     loss = SegPointer.loss(grid, cover)
