@@ -70,7 +70,9 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     pointer = SegPointer(cfg.llm_hidden, cfg.seg_pointer) if cfg.seg_pointer else None
     if pointer is not None:
         init_weights_(pointer)
-    video_pointer = SegPointer(cfg.llm_hidden, cfg.video_seg_pointer) if cfg.video_seg_pointer else None
+    video_pointer = (
+        SegPointer(cfg.llm_hidden, cfg.video_seg_pointer) if cfg.video_seg_pointer else None
+    )
     if video_pointer is not None:
         init_weights_(video_pointer)
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))

@@ -132,6 +132,46 @@ def test_point_track_interpolates_between_llm_frames() -> None:
     assert PointTrack([3], points[:, :1]).at(9).tolist() == [[0.0, 0.0]]
 
 
+def test_presence_is_each_frames_share_of_the_pointer_over_its_best_frame() -> None:
+    from segapp.video.tracks import PointTrack, frame_presence
+
+    grid = torch.full((2, 3, 4), -30.0)  # M=2 [SEG] x T=3 frames x N=4 patches
+    grid[0, 0, 1] = grid[0, 2, 3] = 5.0  # [SEG] 0: its target in frames 0 and 2, not 1
+    grid[1, :, 0] = 2.0  # [SEG] 1: the same score on every frame
+    presence = frame_presence(grid)
+    assert presence.shape == (2, 3)
+    assert torch.allclose(presence[0], torch.tensor([1.0, 0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(presence[1], torch.ones(3))
+    track = PointTrack([0, 4, 8], torch.zeros(2, 3, 2), presence)
+    assert torch.allclose(track.present(2), torch.tensor([0.5, 1.0]))  # halfway to frame 4
+    assert torch.allclose(track.present(4), torch.tensor([0.0, 1.0]), atol=1e-6)
+    assert torch.equal(PointTrack([0], torch.zeros(1, 1, 2)).present(3), torch.ones(1))
+
+
+def test_frames_where_the_pointer_finds_no_target_get_no_mask(bundle, clip_dir) -> None:
+    from segapp.video.pipeline import VideoOptions, VideoSegmenter
+
+    seg = VideoSegmenter(bundle, VideoOptions(point_tracks=True, presence=0.0))
+    answer = seg.reason(seg.encode_frames(clip_dir), "the shape that grows", merge=None)
+    assert answer.track is not None and answer.track.presence is not None
+    frames = list(seg.iter_sam(clip_dir))
+    every = seg.batch_masks(frames, answer)
+    # a presence of 1 on the first LLM frame, 0 from the second on
+    answer.track.presence = torch.zeros_like(answer.track.presence)
+    answer.track.presence[:, 0] = 1.0
+    gated = VideoSegmenter(bundle, VideoOptions(point_tracks=True, presence=0.5))
+    kept = gated.batch_masks(frames, answer)
+    first, second = answer.track.frames[:2]
+    emptied = 0
+    for frame, (masks, scores), (gmasks, gscores) in zip(frames, every, kept, strict=True):
+        if frame.index <= first:
+            assert np.array_equal(gmasks, masks) and np.allclose(gscores, scores)
+        elif frame.index > (first + second) / 2:  # interpolated presence below 0.5
+            assert not gmasks.any() and gscores == [0.0] * len(scores)
+            emptied += 1
+    assert emptied >= len(frames) // 2
+
+
 # ---- sampling and decoding ----------------------------------------------------------------
 def test_sampling() -> None:
     assert sample_frames(16, dense=4).dense == (2, 6, 10, 14)
@@ -309,7 +349,8 @@ def test_batched_frame_decoding_matches_one_decoder_call_per_frame(bundle, clip_
     from segapp.video.pipeline import VideoOptions, VideoSegmenter
 
     for tracks in (False, True):
-        seg = VideoSegmenter(bundle, VideoOptions(point_tracks=tracks, sam_batch=4))
+        options = VideoOptions(point_tracks=tracks, sam_batch=4, presence=0.0)
+        seg = VideoSegmenter(bundle, options)
         answer = seg.reason(seg.encode_frames(clip_dir), "the shape that grows", merge=0.7)
         assert len(answer.prompts) >= 1 and (answer.track is not None) == tracks
         frames = list(seg.iter_sam(clip_dir))

@@ -25,8 +25,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
     p.add_argument(
         "--point-track",
-        action="store_true",
-        help="add the [SEG] pointer's point track to the [SEG] prompt (models with a pointer)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add the [SEG] pointer's point track to the [SEG] prompt (models with a pointer; "
+        "default: on for a model with its own video pointer, such as the bundled tiny model)",
+    )
+    p.add_argument(
+        "--presence",
+        type=_ratio,
+        default=0.1,
+        help="with a point track: no mask on a frame where the pointer finds less than this "
+        "share of its best frame's attention (the target is not there; 0 = off; 0.1)",
     )
 
 
@@ -59,6 +68,7 @@ def _options(args: argparse.Namespace) -> Any:
         sparse_frames=args.sparse_frames,
         sampling=args.sampling,
         point_tracks=args.point_track,
+        presence=args.presence,
     )
 
 

@@ -160,7 +160,10 @@ class VideoSegmenter:
             else gen.seg_hidden.new_zeros(0, 1, self.bundle.config.prompt_dim)
         )
         track = None
-        if self.options.point_tracks and len(gen.seg_hidden) and gen.image_hidden is not None:
+        tracks = self.options.point_tracks
+        if tracks is None:  # auto: a model trained to point on video
+            tracks = self.model.video_seg_pointer is not None
+        if tracks and len(gen.seg_hidden) and gen.image_hidden is not None:
             index = merged.index.cpu() if merge is not None else all_tokens(t, n)
             track = point_track(
                 self.model, gen.seg_hidden, gen.image_hidden[s:], index, frames.sample.dense
@@ -220,7 +223,9 @@ class VideoSegmenter:
         """Per frame: M x H x W bool masks (one per `[SEG]` prompt) and M scores.
 
         Every prompt on every frame goes through SAM's mask decoder in one call (each prompt
-        paired with its own frame's embedding; the same masks as one call per frame).
+        paired with its own frame's embedding; the same masks as one call per frame). With a
+        point track, a frame where a `[SEG]`'s presence is below `options.presence` gets an
+        empty mask and score 0 for it.
         """
         m = len(answer.prompts)
         if not m or not frames:
@@ -246,7 +251,12 @@ class VideoSegmenter:
         for j, frame in enumerate(frames):
             mine = slice(j * m, (j + 1) * m)
             logits = postprocess_logits(low[mine], frame.input_size, frame.rgb.shape[:2], size)
-            out.append(((logits > 0).cpu().numpy(), scores[mine].tolist()))
+            masks, frame_scores = (logits > 0).cpu().numpy(), scores[mine].clone()
+            if answer.track is not None and self.options.presence > 0:
+                absent = (answer.track.present(frame.index) < self.options.presence).numpy()
+                masks[absent] = False  # the pointer finds this [SEG]'s target elsewhere
+                frame_scores[torch.from_numpy(absent)] = 0.0
+            out.append((masks, frame_scores.tolist()))
         return out
 
     def frame_masks(self, frame: SamFrame, answer: VideoAnswer) -> tuple[np.ndarray, list[float]]:

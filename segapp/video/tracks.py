@@ -40,24 +40,45 @@ def pointer_grid(scores: torch.Tensor, index: torch.Tensor, t: int, n: int) -> t
 
 @dataclass
 class PointTrack:
-    """M x T x 2 points (x, y, SAM input pixels) at video frames `frames` (T increasing).
+    """M x T x 2 points (x, y, SAM input pixels) at video frames `frames` (T increasing), and
+    M x T `presence`: the share of each `[SEG]`'s pointer softmax (over every token of every
+    LLM frame) that falls on each frame, over the share of the frame with most (1 = the
+    frame it points into most; near 0 = it finds nothing there).
 
     Other frames interpolate linearly between their neighbours (held at the ends): the pointer
     sees only the sampled frames, the object moves in between."""
 
     frames: list[int]
     points: torch.Tensor
+    presence: torch.Tensor | None = None
+
+    def _between(self, values: torch.Tensor, frame: int) -> torch.Tensor:
+        f = self.frames
+        if frame <= f[0] or len(f) == 1:
+            return values[:, 0]
+        if frame >= f[-1]:
+            return values[:, -1]
+        j = next(i for i in range(1, len(f)) if f[i] >= frame)
+        w = (frame - f[j - 1]) / (f[j] - f[j - 1])
+        return (1 - w) * values[:, j - 1] + w * values[:, j]
 
     def at(self, frame: int) -> torch.Tensor:
         """M x 2 points at video frame `frame`."""
-        f = self.frames
-        if frame <= f[0] or len(f) == 1:
-            return self.points[:, 0]
-        if frame >= f[-1]:
-            return self.points[:, -1]
-        j = next(i for i in range(1, len(f)) if f[i] >= frame)
-        w = (frame - f[j - 1]) / (f[j] - f[j - 1])
-        return (1 - w) * self.points[:, j - 1] + w * self.points[:, j]
+        return self._between(self.points, frame)
+
+    def present(self, frame: int) -> torch.Tensor:
+        """M presence values at video frame `frame` (all 1 without a presence read-out)."""
+        if self.presence is None:
+            return torch.ones(self.points.shape[0])
+        return self._between(self.presence, frame)
+
+
+def frame_presence(grid: torch.Tensor) -> torch.Tensor:
+    """M x T x N pointer scores -> M x T: each frame's share of the softmax over all T x N
+    tokens, divided by the largest frame's share."""
+    m, t, n = grid.shape
+    mass = torch.softmax(grid.reshape(m, t * n), -1).reshape(m, t, n).sum(-1)
+    return mass / mass.amax(-1, keepdim=True)
 
 
 def point_track(
@@ -68,10 +89,13 @@ def point_track(
     frames: Sequence[int],
 ) -> PointTrack:
     """Each `[SEG]`'s best patch on every LLM frame (`frames`: their video frame numbers), as
-    SAM points. seg_hidden M x H; image_hidden V x H at (frame, patch) `index` (V x 2)."""
+    SAM points, and how much the pointer finds it on each frame. seg_hidden M x H;
+    image_hidden V x H at (frame, patch) `index` (V x 2). A token TTM dropped scores as its
+    reference token, so a frame where the target stood still keeps its share."""
     pointer = model.video_pointer
     assert pointer is not None
     t, n = len(frames), model.image_grid_tokens
     grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
     centres = model.patch_centres(n, model.vision_size)
-    return PointTrack(list(frames), centres[grid.argmax(-1)])  # M x T x 2
+    # M x T x 2 points
+    return PointTrack(list(frames), centres[grid.argmax(-1)], frame_presence(grid).cpu())

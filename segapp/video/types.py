@@ -27,12 +27,21 @@ class VideoOptions:
     sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'sparse-dense'"})
     max_new_tokens: int = field(default=48, metadata={"help": "answer length limit"})
     prune_layer: int = field(default=3, metadata={"help": "DyCoke stage-2 layer L"})
-    point_tracks: bool = field(
-        default=False,
+    point_tracks: bool | None = field(
+        default=None,
         metadata={
             "help": "with a [SEG] pointer: add SAM's point token where [SEG] points on each LLM "
-            "frame (interpolated between them) to the [SEG] prompt (off: the bundled tiny "
-            "model's pointer finds the video target too rarely, see its model card)"
+            "frame (interpolated between them) to the [SEG] prompt (None: on for a model with "
+            "its own video pointer, off otherwise: an image-trained pointer finds the video "
+            "target too rarely, see the tiny model's card)"
+        },
+    )
+    presence: float = field(
+        default=0.1,
+        metadata={
+            "help": "with point tracks: a frame gets no mask from a [SEG] whose pointer puts "
+            "less than this share of its most-pointed frame's attention there, i.e. the target "
+            "is not in that frame (0 = every frame gets a mask)"
         },
     )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder and decoder call"})
