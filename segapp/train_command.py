@@ -20,6 +20,30 @@ from segapp.errors import InputError
 CHECKPOINT_TRAINABLE = "text_hidden_fcs,sam.mask_decoder,llm.model.embed_tokens,llm.lm_head"
 
 
+def _with_video_pointer(bundle: Any, width: int) -> Any:
+    """`bundle` with a freshly initialised video `[SEG]` pointer of `width` (a model that
+    already has one keeps it: its width must match)."""
+    import dataclasses
+
+    from segapp.modeling.builders import init_weights_
+    from segapp.modeling.pointer import SegPointer
+
+    model, cfg = bundle.model, bundle.config
+    if cfg.video_seg_pointer:
+        if cfg.video_seg_pointer != width:
+            raise InputError(
+                f"the model's video pointer has width {cfg.video_seg_pointer}, not {width}",
+                "--video-seg-pointer",
+            )
+        return bundle
+    if model.seg_pointer is None:
+        raise InputError("--video-seg-pointer needs a model with a [SEG] pointer", "--init-from")
+    head = SegPointer(cfg.llm_hidden, width)
+    init_weights_(head)
+    model.video_seg_pointer = head.to(model.device)
+    return dataclasses.replace(bundle, config=cfg.replace(video_seg_pointer=width))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from segapp.cli import load_options, pick_device
     from segapp.config import MODEL_PRESETS, TrainConfig
@@ -87,9 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         "vision_stem": args.vision_stem,
         "projector_norm": args.projector_norm or None,
         "prefix_attention": args.prefix_attention or None,
-        "video_seg_pointer": args.video_seg_pointer,
         "chat_format": args.chat_format,
     }
+    if args.video_seg_pointer is not None:
+        if args.video_seg_pointer < 1:
+            raise InputError(
+                f"--video-seg-pointer must be at least 1, got {args.video_seg_pointer}",
+                "--video-seg-pointer",
+            )
+        if bundle is None:
+            shape["video_seg_pointer"] = args.video_seg_pointer
+        else:  # a fresh video pointer on a loaded model (the rest of its shape is kept)
+            bundle = _with_video_pointer(bundle, args.video_seg_pointer)
     for field, value in shape.items():
         if value is None:
             continue

@@ -575,3 +575,28 @@ def test_train_refuses_zero_video_clips(tmp_path, capsys) -> None:
 
     assert run(["train", "--out", str(tmp_path / "v"), "--video-clips", "0"]) == 2
     assert "--video-clips must be at least 1" in capsys.readouterr().err
+
+
+def test_a_loaded_model_gets_a_fresh_video_pointer_for_fine_tuning(
+    random_model_dir, tmp_path, capsys
+) -> None:
+    from segapp.build import load_model
+    from segapp.cli import run
+    from segapp.train_command import _with_video_pointer
+
+    b = load_model(str(random_model_dir))
+    assert b.model.video_seg_pointer is None and b.model.video_pointer is b.model.seg_pointer
+    image_pointer = b.model.seg_pointer.q.weight.clone()
+    grown = _with_video_pointer(b, 16)
+    assert grown.config.video_seg_pointer == 16 and b.config.video_seg_pointer == 0
+    assert grown.model.video_pointer is grown.model.video_seg_pointer
+    assert grown.model.video_seg_pointer.k.out_features == 16
+    assert torch.equal(grown.model.seg_pointer.q.weight, image_pointer)  # left as it was
+    assert _with_video_pointer(grown, 16) is grown
+    with pytest.raises(InputError, match="has width 16, not 32"):
+        _with_video_pointer(grown, 32)
+    out = tmp_path / "v"
+    args = ["train", "--init-from", str(random_model_dir), "--out", str(out)]
+    assert run([*args, "--video-seg-pointer", "0"]) == 2
+    assert "--video-seg-pointer must be at least 1" in capsys.readouterr().err
+    assert not out.exists()

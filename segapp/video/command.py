@@ -33,9 +33,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--presence",
         type=_ratio,
-        default=0.1,
+        default=0.0,
         help="with a point track: no mask on a frame where the pointer finds less than this "
-        "share of its best frame's attention (the target is not there; 0 = off; 0.1)",
+        "share of its best frame's attention (the target is not there; 0 = off, the default)",
     )
 
 
