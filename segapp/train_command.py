@@ -262,9 +262,10 @@ def add_train_command(sub: Any) -> None:
         "--video-seg-pointer",
         type=int,
         metavar="WIDTH",
-        help="build the model from scratch with a second [SEG] pointer of this width for "
-        "video (trained by --video-token-losses; gives `segapp video` its point track and "
-        "per-frame presence), so the image pointer is left to images",
+        help="a second [SEG] pointer of this width for video, trained by "
+        "--video-token-losses so the image pointer is left to images; it gives `segapp video` "
+        "its point track (built with the model from scratch, or added as a fresh head to an "
+        "--init-from segapp model)",
     )
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int)
