@@ -8,19 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segapp.config import SEGAPP_FORMATS
 from segapp.data.answers import ANSWER_ORDERS
 from segapp.data.videos import FRAMES as CLIP_FRAMES
 from segapp.errors import InputError
 
+if TYPE_CHECKING:
+    from segapp.build import Bundle
+
 # what trains by default when starting from a published LLaVA / LISA checkpoint (LISA's recipe:
 # the [SEG] head, SAM's mask decoder, the token embeddings and LM head, LoRA on the LLM)
 CHECKPOINT_TRAINABLE = "text_hidden_fcs,sam.mask_decoder,llm.model.embed_tokens,llm.lm_head"
 
 
-def _with_video_pointer(bundle: Any, width: int) -> Any:
+def _with_video_pointer(bundle: Bundle, width: int) -> Bundle:
     """`bundle` with a freshly initialised video `[SEG]` pointer of `width` (a model that
     already has one keeps it: its width must match)."""
     import dataclasses

@@ -28,7 +28,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="add the [SEG] pointer's point track to the [SEG] prompt (models with a pointer; "
-        "default: on for a model with its own video pointer, such as the bundled tiny model)",
+        "default: on for a model with its own video pointer, off for the bundled tiny model, "
+        "whose image pointer finds video targets too rarely)",
     )
     p.add_argument(
         "--presence",

@@ -96,6 +96,5 @@ def point_track(
     assert pointer is not None
     t, n = len(frames), model.image_grid_tokens
     grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
-    centres = model.patch_centres(n, model.vision_size)
-    # M x T x 2 points
+    centres = model.patch_centres(n, model.vision_size)  # best patch: M x T x 2 points
     return PointTrack(list(frames), centres[grid.argmax(-1)], frame_presence(grid).cpu())

@@ -178,12 +178,20 @@ def video_losses(
 def _clip_track(
     model: SegLLM, scores: torch.Tensor, index: torch.Tensor, sample: VideoSample, tcfg: TrainConfig
 ) -> PointTrack:
-    """The point track of the video pointer's scores over the whole clip (1 x V): on each LLM
-    frame, `pointer_teacher` of the time its best token on the target, else where it points
-    (a frame without the target: where it points), as `segapp video` prompts SAM."""
+    """The point track of the video pointer's scores over the whole clip (1 x V)."""
     assert sample.vision_cover is not None
     t, n = sample.vision_cover.shape
-    grid = pointer_grid(scores, index, t, n)[0]  # T x N
+    return _track_on(model, pointer_grid(scores, index, t, n)[0], sample, tcfg)
+
+
+def _track_on(
+    model: SegLLM, grid: torch.Tensor, sample: VideoSample, tcfg: TrainConfig
+) -> PointTrack:
+    """The track SAM is prompted with from the pointer's T x N grid: on each LLM frame,
+    `pointer_teacher` of the time its best token on the target, else where it points (a frame
+    without the target: where it points), as `segapp video` prompts SAM."""
+    assert sample.vision_cover is not None
+    n = sample.vision_cover.shape[1]
     choice = pointer_choice(grid, sample.vision_cover.to(grid.device), tcfg.pointer_teacher, None)
     points = model.patch_centres(n, model.vision_size)[choice]
     return PointTrack(list(sample.frames), points[None])
@@ -207,8 +215,5 @@ def _pointer_track(
     t, n = sample.vision_cover.shape
     scores = model.video_pointer.scores(hidden, image_hidden)
     grid = pointer_grid(scores, index, t, n)[0]  # T x N
-    cover = sample.vision_cover.to(grid.device)
-    loss = SegPointer.loss(grid, cover)
-    choice = pointer_choice(grid, cover, tcfg.pointer_teacher, None)
-    points = model.patch_centres(n, model.vision_size)[choice]
-    return PointTrack(list(sample.frames), points[None]), loss
+    loss = SegPointer.loss(grid, sample.vision_cover.to(grid.device))
+    return _track_on(model, grid, sample, tcfg), loss
