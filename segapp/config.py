@@ -192,7 +192,9 @@ class TrainConfig:
         "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "
         "answers with) or 'describe_first' (\"It is the red circle [SEG].\", a training "
         "scaffold) or 'restate' (\"It is the red shape [SEG], the red circle.\": the "
-        "instruction's own phrase copied before [SEG]; the bundled recipe)",
+        "instruction's own phrase copied before [SEG]; the bundled recipe) or "
+        "'restate_reason_after' (restate, with a reason that led the answer moved after the "
+        'description: "It is the round thing [SEG], the red circle: a wheel is round.")',
     )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")

@@ -215,7 +215,8 @@ def add_train_command(sub: Any) -> None:
         choices=list(ANSWER_ORDERS),
         help="one-target answers: [SEG] then the description (default, what the model answers "
         "with), the description then [SEG] (the scaffold of the bundled recipe's first run), or "
-        "restate: the instruction's own phrase copied before [SEG]",
+        "restate: the instruction's own phrase copied before [SEG]; restate_reason_after: the "
+        "same, with a leading reason (implicit instructions) moved after the description",
     )
     t.add_argument(
         "--probe-swap",

@@ -245,6 +245,33 @@ def test_an_unknown_answer_order_is_an_error() -> None:
         in_order("Sure, [SEG].", "seg_last")
 
 
+def test_restate_reason_after_moves_a_leading_reason_behind_the_description() -> None:
+    from segapp.data.answers import in_order, reason_after
+
+    lead = "A wheel is round and a fire truck is red, so it is [SEG], the small red circle."
+    assert in_order(lead, "restate_reason_after", "the round thing") == (
+        "It is the round thing [SEG], the small red circle: a wheel is round and a fire "
+        "truck is red."
+    )
+    for unchanged in (
+        "It is [SEG], the red star: only one object is red.",
+        "There are two stars: the dotted one [SEG] and the solid one [SEG].",
+        "There is no purple star in the image.",
+    ):
+        assert reason_after(unchanged) == unchanged
+    rng = np.random.default_rng(3)
+    moved = 0
+    for _ in range(60):  # no implicit answer keeps its reason before [SEG]
+        scene = generate_scene(rng, "train")
+        for q in make_queries(scene, rng, 3):
+            answer = in_order(q.answer, "restate_reason_after", q.phrase)
+            if len(q.targets) == 1:
+                assert answer.startswith(("It is ", "Sure, ")), answer
+                assert f"{q.phrase} [SEG]" in answer
+                moved += ", so it is" in q.answer
+    assert moved >= 5
+
+
 def test_restate_repeats_the_instructions_phrase_before_seg() -> None:
     from segapp.data.answers import in_order, restate
 

@@ -9,8 +9,9 @@ from segapp.data import knowledge as kb
 
 SEG = "[SEG]"
 
-ANSWER_ORDERS = ("seg_first", "describe_first", "restate")
+ANSWER_ORDERS = ("seg_first", "describe_first", "restate", "restate_reason_after")
 _REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
+_REASON_FIRST = re.compile(r"^(.+), so it is \[SEG\], the (.+)\.$")
 _DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
 
 
@@ -51,6 +52,26 @@ def restate(answer: str, phrase: str) -> str:
     return answer.replace(SEG, f"{phrase} {SEG}")
 
 
+def reason_after(answer: str) -> str:
+    """A one-target answer whose reason leads ("A wheel is round, so it is [SEG], the red
+    circle.") with the reason moved after the description ("It is [SEG], the red circle: a
+    wheel is round."), as the other kinds' answers put theirs. Other answers are unchanged.
+
+    Why: with `restate`, the words right before `[SEG]` must be a copy of the instruction's
+    phrase, and a reason the model wrote first derails the copy when it is wrong ("A honeycomb
+    cell is a hexagon and a banana is ..., so it is the object that ... is the colour of a
+    banana [SEG]" for "... the colour of a fire truck"): on 150 one-target implicit test
+    queries, the bundled weights' copy was wrong in 17 of 120 answers that led with a reason
+    (gIoU 0.33 on those, 0.83 on the others).
+    """
+    if answer.count(SEG) != 1:
+        return answer
+    if m := _REASON_FIRST.match(answer):
+        reason = m[1][:1].lower() + m[1][1:]
+        return f"It is {SEG}, the {m[2]}: {reason}."
+    return answer
+
+
 def in_order(answer: str, order: str, phrase: str = "") -> str:
     """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS);
     ``phrase``: the query's noun phrase, which `restate` repeats."""
@@ -58,4 +79,6 @@ def in_order(answer: str, order: str, phrase: str = "") -> str:
         raise ValueError(f"unknown answer order {order!r}; expected one of {ANSWER_ORDERS}")
     if order == "restate":
         return restate(answer, phrase)
+    if order == "restate_reason_after":
+        return restate(reason_after(answer), phrase)
     return answer if order == "seg_first" else describe_first(answer)
