@@ -146,7 +146,8 @@ def video_losses(
             terms["video_seg_pointer"] = SegPointer.loss(scores, cover[None])
             total = total + tcfg.pointer_weight * terms["video_seg_pointer"]
             if model.video_seg_pointer is not None:  # SAM is prompted with its track
-                track = _clip_track(model, scores, index, sample, tcfg)
+                grid = pointer_grid(scores, index, *sample.vision_cover.shape)[0]  # T x N
+                track = _track_on(model, grid, sample, tcfg)
     if hidden.shape[0]:
         prompts = model.seg_prompts(hidden[:1])  # one target per clip
         if tcfg.video_pointer and model.seg_pointer is not None:
@@ -173,15 +174,6 @@ def video_losses(
         )
     terms["video_total"] = total
     return terms
-
-
-def _clip_track(
-    model: SegLLM, scores: torch.Tensor, index: torch.Tensor, sample: VideoSample, tcfg: TrainConfig
-) -> PointTrack:
-    """The point track of the video pointer's scores over the whole clip (1 x V)."""
-    assert sample.vision_cover is not None
-    t, n = sample.vision_cover.shape
-    return _track_on(model, pointer_grid(scores, index, t, n)[0], sample, tcfg)
 
 
 def _track_on(

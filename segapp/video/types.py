@@ -41,8 +41,9 @@ class VideoOptions:
         metadata={
             "help": "with point tracks: a frame gets no mask from a [SEG] whose pointer puts "
             "less than this share of its most-pointed frame's attention there, i.e. the target "
-            "is not in that frame (0 = off, the default: the bundled model's video pointer "
-            "puts nearly all its attention on one frame, so the share says little)"
+            "is not in that frame (0 = off, the default: a video pointer trained with "
+            "--video-token-losses puts nearly all its attention on one frame, so the share "
+            "says little)"
         },
     )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder and decoder call"})
