@@ -196,6 +196,13 @@ class TrainConfig:
         "'restate_reason_after' (restate, with a reason that led the answer moved after the "
         'description: "It is the round thing [SEG], the red circle: a wheel is round.")',
     )
+    multi_order: str = _f(
+        "count_first",
+        "multi-target answers: 'count_first' (\"There are two circles: the red one [SEG] and "
+        "the blue one [SEG].\", the bundled recipe) or 'list_first' (\"The circles: the red "
+        'one [SEG], the blue one [SEG]; two in all.": each step asks whether another match '
+        "lies to the right, instead of a count said before any target)",
+    )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")
     video_fraction: float = _f(

@@ -125,7 +125,12 @@ def train(
         if resume and tok_path.exists():
             tokenizer = load_tokenizer(tok_path)
         else:
-            corpus = iter_corpus(200, seed=train_cfg.seed, answer_order=train_cfg.answer_order)
+            corpus = iter_corpus(
+                200,
+                seed=train_cfg.seed,
+                answer_order=train_cfg.answer_order,
+                multi_order=train_cfg.multi_order,
+            )
             tokenizer = train_tokenizer(corpus, model_cfg.vocab_size)
             tokenizer.backend_tokenizer.save(str(tok_path))
         model = build_segllm(model_cfg, tokenizer).to(device)
@@ -163,6 +168,7 @@ def train(
         images=train_cfg.images_per_batch,
         queries_per_image=train_cfg.queries_per_image,
         answer_order=train_cfg.answer_order,
+        multi_order=train_cfg.multi_order,
     )
     # workers are forked: OpenCV's and tokenizers' thread pools must not be live in the parent
     cv2.setNumThreads(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segapp.config import SEGAPP_FORMATS
-from segapp.data.answers import ANSWER_ORDERS
+from segapp.data.answers import ANSWER_ORDERS, MULTI_ORDERS
 from segapp.data.videos import FRAMES as CLIP_FRAMES
 from segapp.errors import InputError
 
@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "target_weight",
             "token_probe",
             "answer_order",
+            "multi_order",
             "probe_swap",
             "video_pointer",
             "video_token_losses",
@@ -217,6 +218,12 @@ def add_train_command(sub: Any) -> None:
         "with), the description then [SEG] (the scaffold of the bundled recipe's first run), or "
         "restate: the instruction's own phrase copied before [SEG]; restate_reason_after: the "
         "same, with a leading reason (implicit instructions) moved after the description",
+    )
+    t.add_argument(
+        "--multi-order",
+        choices=list(MULTI_ORDERS),
+        help="multi-target answers: the count, then the targets (default) or list_first: the "
+        "targets left to right, then the count",
     )
     t.add_argument(
         "--probe-swap",

@@ -272,6 +272,35 @@ def test_restate_reason_after_moves_a_leading_reason_behind_the_description() ->
     assert moved >= 5
 
 
+def test_list_first_names_the_targets_before_the_count() -> None:
+    from segapp.data.answers import in_order, list_first
+
+    assert list_first(
+        "There are three stars: the one at the top [SEG], the red one [SEG] and "
+        "the large one [SEG]."
+    ) == (
+        "The stars: the one at the top [SEG], the red one [SEG], the large one [SEG]; three in all."
+    )
+    assert list_first("Sure, [SEG] and [SEG].") == "Sure, [SEG], [SEG]."
+    for unchanged in ("It is [SEG], the red star.", "There is no purple star in the image."):
+        assert list_first(unchanged) == unchanged
+    with pytest.raises(ValueError, match="unknown multi order 'count_last'"):
+        in_order("Sure, [SEG].", "restate", "", "count_last")
+    rng = np.random.default_rng(5)
+    listed = 0
+    for _ in range(80):  # every multi answer is listed: one [SEG] per target, no "and", count last
+        scene = generate_scene(rng, "train")
+        for q in make_queries(scene, rng, 3):
+            answer = in_order(q.answer, "restate", q.phrase, "list_first")
+            assert answer.count("[SEG]") == q.answer.count("[SEG]")
+            if len(q.targets) > 1:
+                assert " and " not in answer and not answer.startswith("There are"), answer
+                listed += answer.startswith("The ")
+            else:
+                assert answer == in_order(q.answer, "restate", q.phrase)
+    assert listed >= 5
+
+
 def test_restate_repeats_the_instructions_phrase_before_seg() -> None:
     from segapp.data.answers import in_order, restate
 

@@ -13,6 +13,9 @@ ANSWER_ORDERS = ("seg_first", "describe_first", "restate", "restate_reason_after
 _REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
 _REASON_FIRST = re.compile(r"^(.+), so it is \[SEG\], the (.+)\.$")
 _DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
+MULTI_ORDERS = ("count_first", "list_first")
+_COUNT_FIRST = re.compile(r"^There are (\S+) (.+?): (.+)\.$")
+_ITEM = re.compile(r"(?:, | and )?(the .+? \[SEG\])")
 
 
 def describe_first(answer: str) -> str:
@@ -72,11 +75,41 @@ def reason_after(answer: str) -> str:
     return answer
 
 
-def in_order(answer: str, order: str, phrase: str = "") -> str:
+def list_first(answer: str) -> str:
+    """A multi-target answer that lists its targets before it says how many ("There are two
+    circles: the red one [SEG] and the blue one [SEG]." -> "The circles: the red one [SEG],
+    the blue one [SEG]; two in all."; "Sure, [SEG] and [SEG]." -> "Sure, [SEG], [SEG].").
+    Other answers are returned unchanged.
+
+    Why: a count said first must be right before any target is named, in one token, and the
+    bundled weights (trained count first) said "two" for most groups of three or four (multi
+    count right in 76% of test queries). Listed left to right with no "and" before the last,
+    each step asks a local question instead: is there another match to the right of the last
+    one named? The group's own words ("circles") also come right before the list.
+    """
+    if answer.count(SEG) < 2:
+        return answer
+    if answer.startswith("Sure, "):
+        return "Sure, " + ", ".join([SEG] * answer.count(SEG)) + "."
+    m = _COUNT_FIRST.match(answer)
+    if m is None:
+        return answer
+    items = _ITEM.findall(m[3])
+    if len(items) != answer.count(SEG) or _ITEM.sub("", m[3]):
+        return answer
+    return f"The {m[2]}: {', '.join(items)}; {m[1]} in all."
+
+
+def in_order(answer: str, order: str, phrase: str = "", multi_order: str = "count_first") -> str:
     """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS);
-    ``phrase``: the query's noun phrase, which `restate` repeats."""
+    ``phrase``: the query's noun phrase, which `restate` repeats; ``multi_order`` (one of
+    MULTI_ORDERS): how an answer with several `[SEG]` is laid out."""
     if order not in ANSWER_ORDERS:
         raise ValueError(f"unknown answer order {order!r}; expected one of {ANSWER_ORDERS}")
+    if multi_order not in MULTI_ORDERS:
+        raise ValueError(f"unknown multi order {multi_order!r}; expected one of {MULTI_ORDERS}")
+    if multi_order == "list_first":
+        answer = list_first(answer)
     if order == "restate":
         return restate(answer, phrase)
     if order == "restate_reason_after":

@@ -95,6 +95,7 @@ def make_batch(
     split: str = "train",
     points_per_image: int = 3,
     answer_order: str = "seg_first",
+    multi_order: str = "count_first",
 ) -> TrainBatch:
     sam_px, vis_px, rows, masks, seg_query, kinds = [], [], [], [], [], []
     query_image, pts, pt_img, pt_masks, seg_pts, seg_cover = [], [], [], [], [], []
@@ -117,7 +118,7 @@ def make_batch(
             pt_img.append(b)
         pt_masks.append(mask_tensor(scene.masks[order], cfg.sam_image_size))
         for q in make_queries(scene, rng, queries_per_image, split):
-            text = in_order(q.answer, answer_order, q.phrase)
+            text = in_order(q.answer, answer_order, q.phrase, multi_order)
             prompt, answer = chat.prompt_ids(q.instruction), chat.answer_ids(text)
             rows.append((prompt, answer))
             query_image.append(b)

@@ -135,7 +135,12 @@ def _vocabulary() -> Iterator[str]:
     yield f"Sure, {SEG}. There is no blue star in the image. Sorry, I cannot find a red heart."
 
 
-def iter_corpus(n_scenes: int, seed: int = 0, answer_order: str = "seg_first") -> Iterator[str]:
+def iter_corpus(
+    n_scenes: int,
+    seed: int = 0,
+    answer_order: str = "seg_first",
+    multi_order: str = "count_first",
+) -> Iterator[str]:
     """Instruction and answer strings for tokenizer training (all splits, all kinds)."""
     yield from _vocabulary()
     rng = np.random.default_rng([7, seed])
@@ -146,4 +151,4 @@ def iter_corpus(n_scenes: int, seed: int = 0, answer_order: str = "seg_first") -
             q = make_query(scene, rng, kind, split)
             if q is not None:
                 yield q.instruction
-                yield in_order(q.answer, answer_order, q.phrase)
+                yield in_order(q.answer, answer_order, q.phrase, multi_order)
