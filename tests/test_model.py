@@ -329,6 +329,8 @@ def test_mask_labels_drop_lead_in_words() -> None:
     assert mask_labels(answer, 1) == ["medium pink star"]
     answer = "There are two hearts: the one on the left [SEG] and the large one [SEG]."
     assert mask_labels(answer, 2) == ["one on the left", "large one"]
+    answer = "The hearts: the one on the left [SEG], the large one [SEG]; two in all."  # list_first
+    assert mask_labels(answer, 2) == ["one on the left", "large one"]
     assert mask_labels("Sure, [SEG], [SEG].", 3) == ["target 1", "target 2", "target 3"]
 
 
