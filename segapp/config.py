@@ -62,6 +62,12 @@ class ModelConfig:
         "scores every visual token of the LLM's frames, so where it points gives the point "
         "track and how much of it each frame holds says whether the target is there",
     )
+    multi_group: bool = _f(
+        False,
+        "trained with `--multi-order group_first`: the first [SEG] of a multi-target answer "
+        "segments the whole group, and the predictor splits it into its connected components "
+        "to find the targets the per-target [SEG]s missed",
+    )
     vision_stem: str = _f(
         "patch",
         "vision tower input layer: 'patch' (CLIP's one strided convolution, as in published "
@@ -141,6 +147,7 @@ CHECKPOINT_ONLY_FIELDS = (
     "projector_norm",
     "prefix_attention",
     "video_seg_pointer",
+    "multi_group",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -201,7 +208,9 @@ class TrainConfig:
         "multi-target answers: 'count_first' (\"There are two circles: the red one [SEG] and "
         "the blue one [SEG].\", the bundled recipe) or 'list_first' (\"The circles: the red "
         'one [SEG], the blue one [SEG]; two in all.": each step asks whether another match '
-        "lies to the right, instead of a count said before any target)",
+        "lies to the right, instead of a count said before any target) or 'group_first' (\"The "
+        'circles [SEG]: the red one [SEG] and the blue one [SEG].": a first [SEG] for the '
+        "whole group, whose mask's connected components give the count)",
     )
     grad_clip: float = _f(1.0, "gradient norm clip")
     seed: int = _f(0, "random seed (data and init)")

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -268,6 +268,8 @@ def train(
     model.eval()
     if lora_r:
         model.llm = cast(Any, model.llm).merge_and_unload()
+    if train_cfg.multi_order == "group_first":  # the predictor must know the first [SEG]
+        model_cfg = replace(model_cfg, multi_group=True)
     save_bundle(model, tokenizer, model_cfg, out_dir)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(train_cfg), indent=2) + "\n")
     return last

@@ -222,8 +222,9 @@ def add_train_command(sub: Any) -> None:
     t.add_argument(
         "--multi-order",
         choices=list(MULTI_ORDERS),
-        help="multi-target answers: the count, then the targets (default) or list_first: the "
-        "targets left to right, then the count",
+        help="multi-target answers: the count, then the targets (default); list_first: the "
+        "targets left to right, then the count; group_first: a first [SEG] for the whole "
+        "group, whose mask's connected components give the count at prediction time",
     )
     t.add_argument(
         "--probe-swap",

@@ -244,11 +244,17 @@ def forward_losses(
             prompts = model.seg_prompts(hidden, image_hidden, choice=choice)
         else:
             prompts = model.seg_prompts(hidden)
+        group = batch.seg_group
+        if group is not None and bool(group.any()):
+            prompts = model.without_point(prompts, group.to(prompts.device))
         seg_logits, seg_ious = decode_per_image(
             model, emb, prompts, batch.query_image[batch.seg_query]
         )
         seg = mask_terms(seg_logits, seg_ious, batch.seg_masks, tcfg)
-        anchor = F.mse_loss(prompts[:, 0], model.point_token(batch.seg_points)[:, 0].detach())
+        single = slice(None) if group is None else ~group.to(prompts.device)
+        anchor = F.mse_loss(  # a group [SEG] has no one point to be pulled to
+            prompts[single, 0], model.point_token(batch.seg_points[single])[:, 0].detach()
+        )
         total = total + w.bce_weight * seg["bce"] + w.dice_weight * seg["dice"]
         total = total + w.iou_weight * seg["iou"] + w.point_weight * anchor
         total = total + w.pointer_weight * pointer

@@ -397,3 +397,25 @@ def test_prefix_attention_trains_on_what_generation_computes(tokenizer) -> None:
             b = lm_loss(m.llm, labels, inputs_embeds=later, attention_mask=mk)[1]
             moved = float((a[0, first] - b[0, first]).abs().max())
             assert (moved > 1e-4) == prefix, (prefix, moved)
+
+
+def test_group_masks_add_the_components_no_target_mask_covers() -> None:
+    from segapp.predictor import MaskResult, group_masks
+
+    def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        m = np.zeros((100, 100), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    a, b, c = box(5, 25, 5, 25), box(5, 25, 60, 80), box(60, 90, 30, 60)
+    speck = box(95, 97, 95, 97)  # 4 px < 0.3% of the image: noise, not a target
+    group = MaskResult("circles", 0.9, a | b | c | speck)
+    first = MaskResult("red one", 0.8, a)
+    repeat = MaskResult("red one", 0.7, a & box(0, 100, 0, 20))  # IoU 0.75 with the first
+    out = group_masks(group, [first, repeat, MaskResult("empty", 0.5, np.zeros((100, 100), bool))])
+    assert [m.label for m in out] == ["red one", "circles 2", "circles 3"]
+    assert np.array_equal(out[1].mask, b) and np.array_equal(out[2].mask, c)
+    assert out[1].score == 0.9
+    # targets that already cover every component: nothing is added
+    found = [MaskResult("x", 0.8, a), MaskResult("y", 0.8, b), MaskResult("z", 0.8, c)]
+    assert [m.label for m in group_masks(group, found)] == ["x", "y", "z"]

@@ -287,3 +287,45 @@ def test_prefix_attention_is_saved_with_the_model_and_only_built_from_scratch(
     )
     assert code != 0
     assert "--prefix-attention applies to a model built from scratch" in capsys.readouterr().err
+
+
+def test_group_first_batches_give_the_group_seg_the_union_and_no_point() -> None:
+    from segapp.build import build_segllm
+    from segapp.data.batches import make_batch
+    from segapp.tokenizer import ChatFormat
+    from segapp.train_losses import AuxHeads, forward_losses
+
+    bundle = load_bundle(Path("weights/tiny"))
+    cfg = MODEL_PRESETS["tiny"]
+    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
+    rng = np.random.default_rng(3)
+    batch = make_batch(
+        rng,
+        chat,
+        cfg,
+        images=8,
+        queries_per_image=3,
+        answer_order="restate",
+        multi_order="group_first",
+    )
+    seg_id = bundle.tokenizer.convert_tokens_to_ids("[SEG]")
+    assert batch.seg_group is not None
+    assert int((batch.input_ids == seg_id).sum()) == len(batch.seg_masks) == len(batch.seg_group)
+    groups = torch.nonzero(batch.seg_group)[:, 0].tolist()
+    assert groups, "no multi-target query in 24"
+    for g in groups:  # the group [SEG]'s mask is the union of the targets that follow it
+        q = int(batch.seg_query[g])
+        own = [i for i in range(g + 1, len(batch.seg_query)) if int(batch.seg_query[i]) == q]
+        assert len(own) >= 2 and not batch.seg_group[own].any()
+        union = batch.seg_masks[own].amax(0)
+        assert (batch.seg_masks[g] != union).float().mean() < 0.01
+    # the group [SEG]'s SAM prompt carries SAM's not-a-point token, the others a real point
+    model = build_segllm(cfg, bundle.tokenizer)
+    prompts = torch.randn(3, 2, cfg.prompt_dim)
+    rows = torch.tensor([True, False, False])
+    out = model.without_point(prompts, rows)
+    blank = model.sam.prompt_encoder.not_a_point_embed.weight[0]
+    assert torch.equal(out[0, 1], blank) and torch.equal(out[1:], prompts[1:])
+    assert torch.equal(out[:, 0], prompts[:, 0])
+    terms = forward_losses(model, AuxHeads(cfg), batch, TrainConfig(), cfg, joint=True)
+    assert torch.isfinite(terms["total"]) and torch.isfinite(terms["anchor"])

@@ -301,6 +301,30 @@ def test_list_first_names_the_targets_before_the_count() -> None:
     assert listed >= 5
 
 
+def test_group_first_leads_a_multi_target_answer_with_a_group_seg() -> None:
+    from segapp.data.answers import group_first, in_order, is_group_answer
+
+    answer = group_first("There are two circles: the red one [SEG] and the blue one [SEG].")
+    assert answer == "The circles [SEG]: the red one [SEG] and the blue one [SEG]."
+    assert is_group_answer(answer)
+    assert group_first("Sure, [SEG] and [SEG].") == "Sure, [SEG]: [SEG] and [SEG]."
+    for unchanged in ("It is [SEG], the red star.", "There is no purple star in the image."):
+        assert group_first(unchanged) == unchanged and not is_group_answer(unchanged)
+    assert not is_group_answer("The circles: the red one [SEG], the blue one [SEG]; two in all.")
+    rng = np.random.default_rng(5)
+    grouped = 0
+    for _ in range(80):  # one more [SEG] than targets in every multi answer, none elsewhere
+        scene = generate_scene(rng, "train")
+        for q in make_queries(scene, rng, 3):
+            answer = in_order(q.answer, "restate", q.phrase, "group_first")
+            if len(q.targets) > 1:
+                assert answer.count("[SEG]") == len(q.targets) + 1 and is_group_answer(answer)
+                grouped += 1
+            else:
+                assert answer == in_order(q.answer, "restate", q.phrase)
+    assert grouped >= 5
+
+
 def test_restate_repeats_the_instructions_phrase_before_seg() -> None:
     from segapp.data.answers import in_order, restate
 

@@ -13,9 +13,10 @@ ANSWER_ORDERS = ("seg_first", "describe_first", "restate", "restate_reason_after
 _REASON_AFTER = re.compile(r"^It is \[SEG\], the (.+?): (.+)\.$")
 _REASON_FIRST = re.compile(r"^(.+), so it is \[SEG\], the (.+)\.$")
 _DESCRIPTION_AFTER = re.compile(r"^(.*?)\[SEG\], the (.+)\.$")
-MULTI_ORDERS = ("count_first", "list_first")
+MULTI_ORDERS = ("count_first", "list_first", "group_first")
 _COUNT_FIRST = re.compile(r"^There are (\S+) (.+?): (.+)\.$")
 _ITEM = re.compile(r"(?:, | and )?(the .+? \[SEG\])")
+_GROUP = re.compile(r"^(?:The [^\[]+? |Sure, )\[SEG\]: ")
 
 
 def describe_first(answer: str) -> str:
@@ -100,6 +101,33 @@ def list_first(answer: str) -> str:
     return f"The {m[2]}: {', '.join(items)}; {m[1]} in all."
 
 
+def group_first(answer: str) -> str:
+    """A multi-target answer led by one `[SEG]` for the whole group ("There are two circles:
+    the red one [SEG] and the blue one [SEG]." -> "The circles [SEG]: the red one [SEG] and
+    the blue one [SEG]."; "Sure, [SEG] and [SEG]." -> "Sure, [SEG]: [SEG] and [SEG].").
+    Other answers are returned unchanged.
+
+    Why: the LLM sees the image as an 8 x 8 grid of tokens, on which targets touch or cover
+    no token by half, and no recipe taught it to count (it says "two" for most groups of
+    three or four). The group `[SEG]` is trained on the union of the targets; the predictor
+    splits its mask into connected components at full resolution and adds the components
+    no per-target mask covers (`group_masks`), so the count comes from the pixels.
+    """
+    if answer.count(SEG) < 2:
+        return answer
+    if answer.startswith("Sure, "):
+        return f"Sure, {SEG}: {answer[len('Sure, ') :]}"
+    m = _COUNT_FIRST.match(answer)
+    if m is None:
+        return answer
+    return f"The {m[2]} {SEG}: {m[3]}."
+
+
+def is_group_answer(answer: str) -> bool:
+    """Whether `answer` has the `group_first` layout (its first `[SEG]` is the group's)."""
+    return answer.count(SEG) >= 2 and bool(_GROUP.match(answer))
+
+
 def in_order(answer: str, order: str, phrase: str = "", multi_order: str = "count_first") -> str:
     """``answer`` (as generated: `[SEG]` first) in the given order (one of ANSWER_ORDERS);
     ``phrase``: the query's noun phrase, which `restate` repeats; ``multi_order`` (one of
@@ -110,6 +138,8 @@ def in_order(answer: str, order: str, phrase: str = "", multi_order: str = "coun
         raise ValueError(f"unknown multi order {multi_order!r}; expected one of {MULTI_ORDERS}")
     if multi_order == "list_first":
         answer = list_first(answer)
+    elif multi_order == "group_first":
+        answer = group_first(answer)
     if order == "restate":
         return restate(answer, phrase)
     if order == "restate_reason_after":

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from segapp.config import ModelConfig
-from segapp.data.answers import in_order
+from segapp.data.answers import in_order, is_group_answer
 from segapp.data.instructions import make_queries
 from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
@@ -40,6 +40,8 @@ class TrainBatch:
     object_attrs: torch.Tensor  # B x K x 4 colour/shape/size/texture ids (-100 = no object)
     seg_cover: torch.Tensor  # M x N' share of each LLM image token each [SEG] target covers
     kinds: list[str]
+    # M, True for a group_first answer's group [SEG] (its target: the union of the query's)
+    seg_group: torch.Tensor | None = None
 
 
 def interior_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -98,6 +100,7 @@ def make_batch(
     multi_order: str = "count_first",
 ) -> TrainBatch:
     sam_px, vis_px, rows, masks, seg_query, kinds = [], [], [], [], [], []
+    seg_group: list[bool] = []
     query_image, pts, pt_img, pt_masks, seg_pts, seg_cover = [], [], [], [], [], []
     grid = cfg.vision_image_size // cfg.vision_patch
     token_grid = grid // cfg.vision_merge
@@ -124,9 +127,19 @@ def make_batch(
             query_image.append(b)
             kinds.append(q.kind)
             if q.targets:
-                masks.append(mask_tensor(scene.masks[list(q.targets)], cfg.sam_image_size))
-                seg_cover.append(patch_cover(scene.masks[list(q.targets)], token_grid))
-                seg_query.extend([len(rows) - 1] * len(q.targets))
+                targets = scene.masks[list(q.targets)]
+                if is_group_answer(text):  # the group [SEG] comes first: the targets' union
+                    targets = np.concatenate([targets.any(0, keepdims=True), targets])
+                    x, y = deepest_point(targets[0])
+                    seg_pts.append((x * scale, y * scale))  # unused: no anchor for a group
+                seg_group.extend(
+                    [True] + [False] * len(q.targets)
+                    if is_group_answer(text)
+                    else [False] * len(q.targets)
+                )
+                masks.append(mask_tensor(targets, cfg.sam_image_size))
+                seg_cover.append(patch_cover(targets, token_grid))
+                seg_query.extend([len(rows) - 1] * len(targets))
                 for k in q.targets:
                     x, y = deepest_point(scene.masks[k])
                     seg_pts.append((x * scale, y * scale))
@@ -149,6 +162,7 @@ def make_batch(
         object_attrs=obj_attrs,
         seg_cover=torch.cat(seg_cover) if seg_cover else torch.zeros(0, token_grid**2),
         kinds=kinds,
+        seg_group=torch.tensor(seg_group, dtype=torch.bool),
     )
 
 

@@ -193,6 +193,16 @@ class SegLLM(nn.Module):
         points = self.patch_centres(self.image_grid_tokens, self.vision_size)[patch]
         return torch.cat([prompts, self.point_token(points).to(prompts.dtype)], 1)
 
+    def without_point(self, prompts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`prompts` (M x K x D) with the point token of the `rows` (M bool) replaced by SAM's
+        not-a-point embedding: a group `[SEG]` (the union of several targets) must not be
+        pulled to the one object its pointer points at."""
+        if prompts.shape[1] < 2:
+            return prompts
+        blank = self.sam.prompt_encoder.not_a_point_embed.weight[0].to(prompts.dtype)
+        point = torch.where(rows[:, None], blank, prompts[:, 1])
+        return torch.cat([prompts[:, :1], point[:, None], prompts[:, 2:]], 1)
+
     def generation_prompts(self, gen: Generation) -> torch.Tensor:
         """`seg_prompts` for a finished generation (M x K x D; M = 0 without `[SEG]`)."""
         if not len(gen.seg_hidden):
