@@ -194,6 +194,14 @@ class TrainConfig:
         "weight of the object probe on the image tokens the LLM reads (projector output), so "
         "colour / shape / size / texture stay linearly readable where instructions meet them",
     )
+    dense_probe: float = _f(
+        0.0,
+        "weight of the object probe read per token: every vision patch, and every image token "
+        "the LLM reads, that one object covers by half or more names that object's colour, "
+        "shape, size and texture with the pooled probes' own heads (training only; 0 = off). "
+        "Pooled, an object's shape may live in its outline patches alone, but the LLM "
+        "compares the instruction with each token",
+    )
     answer_order: str = _f(
         "seg_first",
         "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "

@@ -139,7 +139,8 @@ def train(
     if lora_r:
         add_lora(model, lora_r)
     select_trainable(model, trainable)
-    aux = AuxHeads(model_cfg, token_probe=bool(train_cfg.token_probe)).to(device)
+    token_probe = bool(train_cfg.token_probe or train_cfg.dense_probe)
+    aux = AuxHeads(model_cfg, token_probe=token_probe).to(device)
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)

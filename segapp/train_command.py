@@ -65,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "video_fraction",
             "target_weight",
             "token_probe",
+            "dense_probe",
             "answer_order",
             "multi_order",
             "probe_swap",
@@ -210,6 +211,12 @@ def add_train_command(sub: Any) -> None:
         type=float,
         help="weight of the object probe on the LLM's image tokens (projector output), training "
         "only (default 0)",
+    )
+    t.add_argument(
+        "--dense-probe",
+        type=float,
+        help="weight of the object probe read per token: each vision patch and LLM image token "
+        "names the attributes of the object covering it (training only; default 0)",
     )
     t.add_argument(
         "--answer-order",

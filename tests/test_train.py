@@ -329,3 +329,51 @@ def test_group_first_batches_give_the_group_seg_the_union_and_no_point() -> None
     assert torch.equal(out[:, 0], prompts[:, 0])
     terms = forward_losses(model, AuxHeads(cfg), batch, TrainConfig(), cfg, joint=True)
     assert torch.isfinite(terms["total"]) and torch.isfinite(terms["anchor"])
+
+
+def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
+    import torch.nn.functional as F
+
+    from segapp.build import build_segllm
+    from segapp.data.batches import make_batch
+    from segapp.tokenizer import ChatFormat
+    from segapp.train_losses import AuxHeads, ObjectProbe, forward_losses
+
+    probe = ObjectProbe(3)
+    feats = torch.randn(1, 4, 3)
+    # token 0: object 0 (0.9); token 1: object 1 (0.6); token 2: split 0.3 / 0.3; token 3: empty
+    cover = torch.tensor([[[0.9, 0.1, 0.3, 0.0], [0.0, 0.6, 0.3, 0.0]]])
+    attrs = torch.tensor([[[0, 1, 2, 0], [3, 4, 0, 1]]])
+    loss = probe.dense_loss(feats, cover, attrs)
+    expected = torch.stack(
+        [F.cross_entropy(h(feats[0, :2]), attrs[0, :, a]) for a, h in enumerate(probe.heads)]
+    ).mean()
+    torch.testing.assert_close(loss, expected)
+    other = feats.clone()
+    other[0, 2:] = 100.0  # tokens no single object covers by half do not count
+    torch.testing.assert_close(probe.dense_loss(other, cover, attrs), loss)
+    assert float(probe.dense_loss(feats, cover * 0, attrs)) == 0.0  # nothing covered
+
+    bundle = load_bundle(Path("weights/tiny"))
+    cfg = MODEL_PRESETS["tiny"]
+    model = build_segllm(cfg, bundle.tokenizer)
+    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
+    batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
+    aux = AuxHeads(cfg, token_probe=True)
+    def seeded() -> torch.Generator:  # the same pointer choices in both calls
+        return torch.Generator().manual_seed(0)
+
+    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True, generator=seeded())
+    assert "dense_probe" not in off and "dense_token_probe" not in off
+    tcfg = TrainConfig(dense_probe=1.0)
+    stage1 = forward_losses(model, aux, batch, tcfg, cfg, joint=False)
+    assert "dense_probe" in stage1 and "dense_token_probe" not in stage1  # no LLM in stage 1
+    on = forward_losses(model, aux, batch, tcfg, cfg, joint=True, generator=seeded())
+    for name in ("dense_probe", "dense_token_probe"):
+        assert torch.isfinite(on[name]) and float(on[name].detach()) > 0.5  # untrained
+    extra = on["dense_probe"] + on["dense_token_probe"]
+    torch.testing.assert_close(on["total"].detach(), (off["total"] + extra).detach())
+    on["dense_token_probe"].backward()  # it trains the projector and the tower beneath it
+    assert float(model.projector[0].weight.grad.abs().sum()) > 0
+    grads = [p.grad for p in model.vision_tower.parameters() if p.grad is not None]
+    assert grads and float(sum(g.abs().sum() for g in grads)) > 0
