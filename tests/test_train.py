@@ -360,6 +360,7 @@ def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
     batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
     aux = AuxHeads(cfg, token_probe=True)
+
     def seeded() -> torch.Generator:  # the same pointer choices in both calls
         return torch.Generator().manual_seed(0)
 
