@@ -31,6 +31,24 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+def _fresh_model_and_batch(images: int, queries_per_image: int):
+    """An untrained tiny SegLLM (the bundled tokenizer) and one seeded training batch."""
+    from segapp.build import build_segllm
+    from segapp.data.batches import make_batch
+    from segapp.tokenizer import ChatFormat
+
+    bundle = load_bundle(Path("weights/tiny"))
+    cfg = MODEL_PRESETS["tiny"]
+    model = build_segllm(cfg, bundle.tokenizer)
+    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
+    rng = np.random.default_rng(0)
+    return (
+        model,
+        cfg,
+        make_batch(rng, chat, cfg, images=images, queries_per_image=queries_per_image),
+    )
+
+
 def test_losses_fall_and_output_loads(tmp_path: Path) -> None:
     logs: list[dict] = []
     cfg = TrainConfig(
@@ -192,16 +210,9 @@ def test_conv_stem_keeps_the_token_grid_and_needs_a_power_of_two_patch() -> None
 
 
 def test_swapped_probe_reorders_colours_and_leaves_colour_unlabelled() -> None:
-    from segapp.build import build_segllm
-    from segapp.data.batches import make_batch
-    from segapp.tokenizer import ChatFormat
     from segapp.train_losses import AuxHeads, ObjectProbe, swapped_probe_loss
 
-    bundle = load_bundle(Path("weights/tiny"))
-    cfg = MODEL_PRESETS["tiny"]
-    model = build_segllm(cfg, bundle.tokenizer)
-    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
-    batch = make_batch(np.random.default_rng(0), chat, cfg, images=4, queries_per_image=1)
+    model, cfg, batch = _fresh_model_and_batch(4, 1)
     aux = AuxHeads(cfg)
     seen: list[torch.Tensor] = []
     model.vision_tower.register_forward_pre_hook(
@@ -243,9 +254,6 @@ def test_projector_norm_puts_image_tokens_at_a_fixed_scale() -> None:
 
 
 def test_token_probe_reads_the_llm_image_tokens_with_merged_cover() -> None:
-    from segapp.build import build_segllm
-    from segapp.data.batches import make_batch
-    from segapp.tokenizer import ChatFormat
     from segapp.train_losses import AuxHeads, forward_losses, merged_cover
 
     # a 4 x 4 patch grid merged 2 x 2: each token's cover is the mean of its block
@@ -255,11 +263,7 @@ def test_token_probe_reads_the_llm_image_tokens_with_merged_cover() -> None:
     assert torch.allclose(merged[0, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]) / 16)
     assert merged_cover(cover, 1) is cover
 
-    bundle = load_bundle(Path("weights/tiny"))
-    cfg = MODEL_PRESETS["tiny"]
-    model = build_segllm(cfg, bundle.tokenizer)
-    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
-    batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
+    model, cfg, batch = _fresh_model_and_batch(2, 2)
     aux = AuxHeads(cfg, token_probe=True)
     off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True)
     assert "token_probe" not in off
@@ -334,9 +338,6 @@ def test_group_first_batches_give_the_group_seg_the_union_and_no_point() -> None
 def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     import torch.nn.functional as F
 
-    from segapp.build import build_segllm
-    from segapp.data.batches import make_batch
-    from segapp.tokenizer import ChatFormat
     from segapp.train_losses import AuxHeads, ObjectProbe, forward_losses
 
     probe = ObjectProbe(3)
@@ -354,11 +355,7 @@ def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     torch.testing.assert_close(probe.dense_loss(other, cover, attrs), loss)
     assert float(probe.dense_loss(feats, cover * 0, attrs)) == 0.0  # nothing covered
 
-    bundle = load_bundle(Path("weights/tiny"))
-    cfg = MODEL_PRESETS["tiny"]
-    model = build_segllm(cfg, bundle.tokenizer)
-    chat = ChatFormat(bundle.tokenizer, bundle.chat.image_tokens)
-    batch = make_batch(np.random.default_rng(0), chat, cfg, images=2, queries_per_image=2)
+    model, cfg, batch = _fresh_model_and_batch(2, 2)
     aux = AuxHeads(cfg, token_probe=True)
 
     def seeded() -> torch.Generator:  # the same pointer choices in both calls
