@@ -59,10 +59,14 @@ class ObjectProbe(torch.nn.Module):
         """feats B x N x C, cover B x K x N, attrs B x K x 4 (-100 = padding) -> mean CE."""
         weights = cover / cover.sum(-1, keepdim=True).clamp_min(1e-6)
         pooled = torch.einsum("bkn,bnc->bkc", weights, feats)
+        return self._heads_loss(pooled.flatten(0, 1), attrs.flatten(0, 1))
+
+    def _heads_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats M x C, labels M x 4 -> mean over the attributes of each head's CE."""
         losses = [
-            F.cross_entropy(h(pooled).flatten(0, 1), attrs[..., a].flatten())
+            F.cross_entropy(h(feats), labels[:, a])
             for a, h in enumerate(self.heads)
-            if bool((attrs[..., a] >= 0).any())  # an unlabelled attribute has no loss
+            if bool((labels[:, a] >= 0).any())  # an unlabelled attribute has no loss
         ]
         return torch.stack(losses).mean()
 
@@ -84,12 +88,7 @@ class ObjectProbe(torch.nn.Module):
         feats, labels = feats[chosen], labels[chosen]
         if not len(feats):
             return feats.sum() * 0.0
-        losses = [
-            F.cross_entropy(h(feats), labels[:, a])
-            for a, h in enumerate(self.heads)
-            if bool((labels[:, a] >= 0).any())
-        ]
-        return torch.stack(losses).mean()
+        return self._heads_loss(feats, labels)
 
 
 class AuxHeads(torch.nn.Module):
