@@ -202,6 +202,13 @@ class TrainConfig:
         "Pooled, an object's shape may live in its outline patches alone, but the LLM "
         "compares the instruction with each token",
     )
+    relation_probe: float = _f(
+        0.0,
+        "weight of a probe asking each object's pooled tokens (vision patches, and the image "
+        "tokens the LLM reads) how many objects share its colour / shape / size / texture and "
+        "whether it is the largest or smallest of its group (training only; 0 = off): what "
+        "counting, multi-target and superlative instructions turn on",
+    )
     answer_order: str = _f(
         "seg_first",
         "one-target answers: 'seg_first' (\"It is [SEG], the red circle.\", what the model "

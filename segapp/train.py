@@ -140,19 +140,22 @@ def train(
         add_lora(model, lora_r)
     select_trainable(model, trainable)
     token_probe = bool(train_cfg.token_probe or train_cfg.dense_probe)
-    aux = AuxHeads(model_cfg, token_probe=token_probe).to(device)
+    aux = AuxHeads(
+        model_cfg, token_probe=token_probe, relation_probe=bool(train_cfg.relation_probe)
+    ).to(device)
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         model.llm.tie_weights()
         if (ckpt / "aux.safetensors").exists():
-            # the optional token-probe head may be absent from (or extra in) the checkpoint,
-            # e.g. one saved before --token-probe existed; any other mismatch is an error
+            # the optional probe heads may be absent from (or extra in) the checkpoint, e.g.
+            # one saved before --token-probe existed; any other mismatch is an error
             found = aux.load_state_dict(load_file(str(ckpt / "aux.safetensors")), strict=False)
+            optional = ("token_probe.", "relation.", "token_relation.")
             odd = [
                 k
                 for k in (*found.missing_keys, *found.unexpected_keys)
-                if not k.startswith("token_probe.")
+                if not k.startswith(optional)
             ]
             if odd:
                 raise ModelError(

@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "target_weight",
             "token_probe",
             "dense_probe",
+            "relation_probe",
             "answer_order",
             "multi_order",
             "probe_swap",
@@ -217,6 +218,13 @@ def add_train_command(sub: Any) -> None:
         type=float,
         help="weight of the object probe read per token: each vision patch and LLM image token "
         "names the attributes of the object covering it (training only; default 0)",
+    )
+    t.add_argument(
+        "--relation-probe",
+        type=float,
+        help="weight of a probe asking each object's tokens how many objects share its colour / "
+        "shape / size / texture and whether it is the largest or smallest of its group "
+        "(training only; default 0)",
     )
     t.add_argument(
         "--answer-order",

@@ -375,3 +375,56 @@ def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     assert float(model.projector[0].weight.grad.abs().sum()) > 0
     grads = [p.grad for p in model.vision_tower.parameters() if p.grad is not None]
     assert grads and float(sum(g.abs().sum() for g in grads)) > 0
+
+
+def test_relation_probe_labels_how_each_object_relates_to_its_scene() -> None:
+    from segapp.data.batches import RELATIONS, object_relations
+    from segapp.data.queries import LARGEST, SMALLEST
+    from segapp.data.world import Obj, Scene
+    from segapp.train_losses import AuxHeads, forward_losses
+
+    def obj(shape: str, color: str, size: str, texture: str, radius: float) -> Obj:
+        return Obj(shape, color, size, texture, (50.0, 50.0), radius, 0.0)
+
+    objects = [
+        obj("circle", "red", "small", "solid", 10.0),
+        obj("circle", "red", "large", "solid", 40.0),
+        obj("square", "blue", "medium", "striped", 18.0),
+        obj("square", "red", "medium", "solid", 17.0),
+    ]
+    scene = Scene(np.zeros((8, 8, 3), np.uint8), objects, np.zeros((4, 8, 8), bool))
+    rel = object_relations(scene)
+    assert rel.shape == (4, len(RELATIONS))
+    # objects sharing colour / shape / size / texture / colour and shape, minus one
+    assert rel[:, :5].tolist() == [
+        [2, 1, 0, 2, 1],
+        [2, 1, 0, 2, 1],
+        [0, 1, 1, 0, 0],
+        [2, 1, 1, 2, 0],
+    ]
+    assert int(rel[1, 5]) == LARGEST and int(rel[0, 5]) == SMALLEST  # of all objects
+    assert int(rel[1, 6]) == LARGEST and int(rel[3, 6]) == 0  # of the red ones
+    assert int(rel[2, 6]) == 0  # blue: no other object to be larger than
+    assert (rel < torch.tensor(RELATIONS)).all() and (rel >= 0).all()
+
+    model, cfg, batch = _fresh_model_and_batch(2, 2)
+    assert batch.object_relations.shape[:2] == batch.object_attrs.shape[:2]
+    assert ((batch.object_relations == -100) == (batch.object_attrs[..., :1] == -100)).all()
+    aux = AuxHeads(cfg, relation_probe=True)
+
+    def seeded() -> torch.Generator:  # the same pointer choices in both calls
+        return torch.Generator().manual_seed(0)
+
+    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True, generator=seeded())
+    assert "relation" not in off and "token_relation" not in off
+    tcfg = TrainConfig(relation_probe=0.5)
+    stage1 = forward_losses(model, aux, batch, tcfg, cfg, joint=False)
+    assert "relation" in stage1 and "token_relation" not in stage1  # no LLM in stage 1
+    on = forward_losses(model, aux, batch, tcfg, cfg, joint=True, generator=seeded())
+    for name in ("relation", "token_relation"):
+        assert torch.isfinite(on[name]) and float(on[name].detach()) > 0.3  # untrained
+    extra = 0.5 * (on["relation"] + on["token_relation"])
+    torch.testing.assert_close(on["total"].detach(), (off["total"] + extra).detach())
+    on["relation"].backward()  # it trains the vision tower, which sees the whole scene
+    grads = [p.grad for p in model.vision_tower.parameters() if p.grad is not None]
+    assert grads and float(sum(g.abs().sum() for g in grads)) > 0

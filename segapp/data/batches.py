@@ -17,7 +17,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from segapp.config import ModelConfig
 from segapp.data.answers import in_order, is_group_answer
 from segapp.data.instructions import make_queries
-from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
+from segapp.data.queries import SUPERLATIVE_GROUPS, extreme, matching
+from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, full_area, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
 
@@ -38,6 +39,7 @@ class TrainBatch:
     seg_points: torch.Tensor  # M x 2 most interior point of each [SEG] target (SAM frame)
     object_cover: torch.Tensor  # B x K x N share of each vision patch each object covers (0 pad)
     object_attrs: torch.Tensor  # B x K x 4 colour/shape/size/texture ids (-100 = no object)
+    object_relations: torch.Tensor  # B x K x len(RELATIONS) class ids (-100 = no object)
     seg_cover: torch.Tensor  # M x N' share of each LLM image token each [SEG] target covers
     kinds: list[str]
     # M, True for a group_first answer's group [SEG] (its target: the union of the query's)
@@ -61,6 +63,18 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
 
 ATTRIBUTES = (tuple(COLORS), SHAPES, SIZES, TEXTURES)
 MAX_OBJECTS = 12  # padding bound of the per-scene object tensors
+# what the relation probe asks of each object, beside its own attributes: how many objects of
+# the scene share its colour / shape / size / texture / colour and shape (1, 2, 3, 4 or more:
+# what counting and multi-target instructions turn on), then whether it is the largest or
+# smallest of all, of its colour, of its shape, of its texture (superlative instructions)
+COUNT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("color",),
+    ("shape",),
+    ("size",),
+    ("texture",),
+    ("color", "shape"),
+)
+RELATIONS = (4,) * len(COUNT_GROUPS) + (3,) * len(SUPERLATIVE_GROUPS)  # classes per relation
 
 
 def patch_cover(masks: np.ndarray, grid: int) -> torch.Tensor:
@@ -87,6 +101,19 @@ def object_attributes(scene: Scene) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
 
 
+def object_relations(scene: Scene) -> torch.Tensor:
+    """K x len(RELATIONS) class ids: per COUNT_GROUPS entry min(sharing objects, 4) - 1 (the
+    object itself included), then per SUPERLATIVE_GROUPS entry 0 / LARGEST / SMALLEST."""
+    objs = scene.objects
+    side = np.sqrt([full_area(o) for o in objs])
+    rows = []
+    for k, o in enumerate(objs):
+        counts = [min(len(matching(objs, o, attrs)), 4) - 1 for attrs in COUNT_GROUPS]
+        ranks = [extreme(side, matching(objs, o, attrs), k) for attrs in SUPERLATIVE_GROUPS]
+        rows.append(counts + ranks)
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, len(RELATIONS))
+
+
 def make_batch(
     rng: np.random.Generator,
     chat: ChatFormat,
@@ -106,6 +133,7 @@ def make_batch(
     token_grid = grid // cfg.vision_merge
     obj_cover = torch.zeros(images, MAX_OBJECTS, grid * grid)
     obj_attrs = torch.full((images, MAX_OBJECTS, 4), -100, dtype=torch.long)
+    obj_rel = torch.full((images, MAX_OBJECTS, len(RELATIONS)), -100, dtype=torch.long)
     for b in range(images):
         scene = generate_scene(rng, split)
         sam_px.append(sam_tensor(scene.image, cfg.sam_image_size)[0])
@@ -113,6 +141,7 @@ def make_batch(
         n_obj = min(len(scene.objects), MAX_OBJECTS)
         obj_cover[b, :n_obj] = patch_cover(scene.masks[:n_obj], grid)
         obj_attrs[b, :n_obj] = object_attributes(scene)[:n_obj]
+        obj_rel[b, :n_obj] = object_relations(scene)[:n_obj]
         scale = cfg.sam_image_size / max(scene.image.shape[:2])
         order = rng.permutation(len(scene.objects))[:points_per_image]
         for k in order:
@@ -160,6 +189,7 @@ def make_batch(
         seg_points=torch.tensor(seg_pts, dtype=torch.float32).reshape(-1, 2),
         object_cover=obj_cover,
         object_attrs=obj_attrs,
+        object_relations=obj_rel,
         seg_cover=torch.cat(seg_cover) if seg_cover else torch.zeros(0, token_grid**2),
         kinds=kinds,
         seg_group=torch.tensor(seg_group, dtype=torch.bool),

@@ -183,20 +183,37 @@ def spatial(scene: Scene, rng: np.random.Generator, split: str) -> Query | None:
     return None
 
 
+SUPERLATIVE_GROUPS: tuple[tuple[str, ...], ...] = ((), ("color",), ("shape",), ("texture",))
+LARGEST, SMALLEST = 1, 2
+
+
+def extreme(side: np.ndarray, group: Sequence[int], k: int) -> int:
+    """LARGEST or SMALLEST if object k is so within `group` (its indices; side: every object's
+    linear size) by the 1.25x margin superlative instructions need, else 0."""
+    rest = np.array([side[i] for i in group if i != k])
+    if not len(rest):
+        return 0
+    if side[k] >= 1.25 * rest.max():
+        return LARGEST
+    if side[k] * 1.25 <= rest.min():
+        return SMALLEST
+    return 0
+
+
 def superlative(scene: Scene, rng: np.random.Generator, split: str) -> Query | None:
     objs = scene.objects
     side = np.sqrt([full_area(o) for o in objs])  # linear size of the whole shape
     for k in _order(scene, rng, split):
         options: list[str] = []
-        for attrs in ((), ("color",), ("shape",), ("texture",)):
+        for attrs in SUPERLATIVE_GROUPS:
             group = matching(objs, objs[k], attrs)
             if len(group) < 2:
                 continue
-            rest = np.array([side[i] for i in group if i != k])
             noun = kb.describe(objs[k], attrs, kb.pick(rng, kb.NOUNS))
-            if side[k] >= 1.25 * rest.max():
+            rank = extreme(side, group, k)
+            if rank == LARGEST:
                 options.append(f"the {kb.pick(rng, ('largest', 'biggest'))} {noun}")
-            if side[k] * 1.25 <= rest.min():
+            elif rank == SMALLEST:
                 options.append(f"the smallest {noun}")
         if options:
             return _single("superlative", rng, scene, k, kb.pick(rng, options))
