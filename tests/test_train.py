@@ -49,6 +49,23 @@ def _fresh_model_and_batch(images: int, queries_per_image: int):
     )
 
 
+def _terms_off_stage1_on(tcfg: TrainConfig, **heads: bool):
+    """The untrained model and its batch, with forward_losses' terms: the joint stage without
+    the option, stage 1 with it, and the joint stage with it (the same pointer choices)."""
+    from segapp.train_losses import AuxHeads, forward_losses
+
+    model, cfg, batch = _fresh_model_and_batch(2, 2)
+    aux = AuxHeads(cfg, **heads)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True, generator=seeded())
+    stage1 = forward_losses(model, aux, batch, tcfg, cfg, joint=False)
+    on = forward_losses(model, aux, batch, tcfg, cfg, joint=True, generator=seeded())
+    return model, batch, off, stage1, on
+
+
 def test_losses_fall_and_output_loads(tmp_path: Path) -> None:
     logs: list[dict] = []
     cfg = TrainConfig(
@@ -338,7 +355,7 @@ def test_group_first_batches_give_the_group_seg_the_union_and_no_point() -> None
 def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     import torch.nn.functional as F
 
-    from segapp.train_losses import AuxHeads, ObjectProbe, forward_losses
+    from segapp.train_losses import ObjectProbe
 
     probe = ObjectProbe(3)
     feats = torch.randn(1, 4, 3)
@@ -355,18 +372,9 @@ def test_dense_probe_reads_each_token_that_one_object_mostly_covers() -> None:
     torch.testing.assert_close(probe.dense_loss(other, cover, attrs), loss)
     assert float(probe.dense_loss(feats, cover * 0, attrs)) == 0.0  # nothing covered
 
-    model, cfg, batch = _fresh_model_and_batch(2, 2)
-    aux = AuxHeads(cfg, token_probe=True)
-
-    def seeded() -> torch.Generator:  # the same pointer choices in both calls
-        return torch.Generator().manual_seed(0)
-
-    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True, generator=seeded())
+    model, _, off, stage1, on = _terms_off_stage1_on(TrainConfig(dense_probe=1.0), token_probe=True)
     assert "dense_probe" not in off and "dense_token_probe" not in off
-    tcfg = TrainConfig(dense_probe=1.0)
-    stage1 = forward_losses(model, aux, batch, tcfg, cfg, joint=False)
     assert "dense_probe" in stage1 and "dense_token_probe" not in stage1  # no LLM in stage 1
-    on = forward_losses(model, aux, batch, tcfg, cfg, joint=True, generator=seeded())
     for name in ("dense_probe", "dense_token_probe"):
         assert torch.isfinite(on[name]) and float(on[name].detach()) > 0.5  # untrained
     extra = on["dense_probe"] + on["dense_token_probe"]
@@ -381,7 +389,6 @@ def test_relation_probe_labels_how_each_object_relates_to_its_scene() -> None:
     from segapp.data.batches import RELATIONS, object_relations
     from segapp.data.queries import LARGEST, SMALLEST
     from segapp.data.world import Obj, Scene
-    from segapp.train_losses import AuxHeads, forward_losses
 
     def obj(shape: str, color: str, size: str, texture: str, radius: float) -> Obj:
         return Obj(shape, color, size, texture, (50.0, 50.0), radius, 0.0)
@@ -407,20 +414,12 @@ def test_relation_probe_labels_how_each_object_relates_to_its_scene() -> None:
     assert int(rel[2, 6]) == 0  # blue: no other object to be larger than
     assert (rel < torch.tensor(RELATIONS)).all() and (rel >= 0).all()
 
-    model, cfg, batch = _fresh_model_and_batch(2, 2)
+    tcfg = TrainConfig(relation_probe=0.5)
+    model, batch, off, stage1, on = _terms_off_stage1_on(tcfg, relation_probe=True)
     assert batch.object_relations.shape[:2] == batch.object_attrs.shape[:2]
     assert ((batch.object_relations == -100) == (batch.object_attrs[..., :1] == -100)).all()
-    aux = AuxHeads(cfg, relation_probe=True)
-
-    def seeded() -> torch.Generator:  # the same pointer choices in both calls
-        return torch.Generator().manual_seed(0)
-
-    off = forward_losses(model, aux, batch, TrainConfig(), cfg, joint=True, generator=seeded())
     assert "relation" not in off and "token_relation" not in off
-    tcfg = TrainConfig(relation_probe=0.5)
-    stage1 = forward_losses(model, aux, batch, tcfg, cfg, joint=False)
     assert "relation" in stage1 and "token_relation" not in stage1  # no LLM in stage 1
-    on = forward_losses(model, aux, batch, tcfg, cfg, joint=True, generator=seeded())
     for name in ("relation", "token_relation"):
         assert torch.isfinite(on[name]) and float(on[name].detach()) > 0.3  # untrained
     extra = 0.5 * (on["relation"] + on["token_relation"])
