@@ -127,7 +127,12 @@ def merged_cover(cover: torch.Tensor, merge: int) -> torch.Tensor:
 
 
 def token_probe_loss(
-    aux: AuxHeads, tokens: torch.Tensor, batch: TrainBatch, cfg: ModelConfig, *, dense: bool = False
+    aux: AuxHeads,
+    tokens: torch.Tensor,
+    cover: torch.Tensor,
+    batch: TrainBatch,
+    *,
+    dense: bool = False,
 ) -> torch.Tensor:
     """The object probe read off the image tokens the LLM is given (B x N' x H).
 
@@ -136,11 +141,11 @@ def token_probe_loss(
     56%: nothing asked the projector to keep what instructions talk about, so the LLM could
     not match "the red shape" to red tokens (pointer on target 30% for referring
     instructions). The bundled recipe trains with it (pointer on target 63%).
-    `dense`: the same heads read each token on its own (`ObjectProbe.dense_loss`).
+    cover: B x K x N' object cover of those tokens (`merged_cover`). `dense`: the same heads
+    read each token on its own (`ObjectProbe.dense_loss`).
     """
     if aux.token_probe is None:
         raise ValueError("AuxHeads was built without token_probe=True")
-    cover = merged_cover(batch.object_cover, cfg.vision_merge)
     if dense:
         return aux.token_probe.dense_loss(tokens, cover, batch.object_attrs)
     return aux.token_probe(tokens, cover, batch.object_attrs)
@@ -274,14 +279,16 @@ def forward_losses(
         terms["total"] = sam_total + probe_loss + extra
         return terms
     projected = model.project(feats, cfg.vision_image_size)
+    token_cover = merged_cover(batch.object_cover, cfg.vision_merge)
     if w.relation_probe:
-        cover = merged_cover(batch.object_cover, cfg.vision_merge)
-        terms["token_relation"] = relation_loss(aux.token_relation, projected, cover, batch)
+        terms["token_relation"] = relation_loss(aux.token_relation, projected, token_cover, batch)
         extra = extra + w.relation_probe * terms["token_relation"]
     if w.token_probe:
-        terms["token_probe"] = token_probe_loss(aux, projected, batch, cfg)
+        terms["token_probe"] = token_probe_loss(aux, projected, token_cover, batch)
     if w.dense_probe:
-        terms["dense_token_probe"] = token_probe_loss(aux, projected, batch, cfg, dense=True)
+        terms["dense_token_probe"] = token_probe_loss(
+            aux, projected, token_cover, batch, dense=True
+        )
         extra = extra + w.dense_probe * terms["dense_token_probe"]
     tokens = projected[batch.query_image]
     embeds = model.embed_inputs(batch.input_ids, tokens)

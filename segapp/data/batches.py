@@ -17,8 +17,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from segapp.config import ModelConfig
 from segapp.data.answers import in_order, is_group_answer
 from segapp.data.instructions import make_queries
-from segapp.data.queries import SUPERLATIVE_GROUPS, extreme, matching
-from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, full_area, generate_scene
+from segapp.data.queries import SUPERLATIVE_GROUPS, extreme, linear_sizes, matching
+from segapp.data.world import COLORS, SHAPES, SIZES, TEXTURES, Scene, generate_scene
 from segapp.preprocess import mask_tensor, sam_tensor, vision_tensor
 from segapp.tokenizer import ChatFormat
 
@@ -105,7 +105,7 @@ def object_relations(scene: Scene) -> torch.Tensor:
     """K x len(RELATIONS) class ids: per COUNT_GROUPS entry min(sharing objects, 4) - 1 (the
     object itself included), then per SUPERLATIVE_GROUPS entry 0 / LARGEST / SMALLEST."""
     objs = scene.objects
-    side = np.sqrt([full_area(o) for o in objs])
+    side = linear_sizes(objs)
     rows = []
     for k, o in enumerate(objs):
         counts = [min(len(matching(objs, o, attrs)), 4) - 1 for attrs in COUNT_GROUPS]

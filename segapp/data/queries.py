@@ -187,6 +187,12 @@ SUPERLATIVE_GROUPS: tuple[tuple[str, ...], ...] = ((), ("color",), ("shape",), (
 LARGEST, SMALLEST = 1, 2
 
 
+def linear_sizes(objects: Sequence[Obj]) -> np.ndarray:
+    """Each object's linear size: the square root of its whole shape's area (occluded part
+    included), what superlative instructions compare."""
+    return np.sqrt([full_area(o) for o in objects])
+
+
 def extreme(side: np.ndarray, group: Sequence[int], k: int) -> int:
     """LARGEST or SMALLEST if object k is so within `group` (its indices; side: every object's
     linear size) by the 1.25x margin superlative instructions need, else 0."""
@@ -202,7 +208,7 @@ def extreme(side: np.ndarray, group: Sequence[int], k: int) -> int:
 
 def superlative(scene: Scene, rng: np.random.Generator, split: str) -> Query | None:
     objs = scene.objects
-    side = np.sqrt([full_area(o) for o in objs])  # linear size of the whole shape
+    side = linear_sizes(objs)
     for k in _order(scene, rng, split):
         options: list[str] = []
         for attrs in SUPERLATIVE_GROUPS:
