@@ -98,10 +98,14 @@ def _causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
     return full.triu(1)[None, None]
 
 
-def _prefill_mask(model: SegLLM, hidden: torch.Tensor) -> torch.Tensor:
-    """Additive prefill mask for `hidden` (1 x n x H): causal, or all-visible for a prefix LM."""
+def _prefill_mask(model: SegLLM, hidden: torch.Tensor) -> torch.Tensor | None:
+    """Prefill mask for `hidden` (1 x n x H), built once per sequence length: all-visible for a
+    prefix LM; for a causal LM None under SDPA (its causal kernel, which skips the masked half)
+    and an additive causal mask for any other attention implementation."""
     mask = model.prefill_attention_mask(hidden)
-    return _causal_mask(hidden.shape[1], hidden) if mask is None else mask
+    if mask is not None or model.llm.config._attn_implementation == "sdpa":
+        return mask
+    return _causal_mask(hidden.shape[1], hidden)
 
 
 def _last_query(
@@ -189,16 +193,17 @@ def reduced_generate(
     h, pos, vis = embeds, positions, visual.to(embeds.device)
     visual_in = int(vis.sum())
     pe = lm.rotary_emb(h, pos)
+    mask = _prefill_mask(model, h)
     att: torch.Tensor | None = None
     for i, layer in enumerate(layers):
         if fastv is not None and i == fastv.layer and att is not None:
             keep = _top_visual(att, vis, fastv.keep)
             h, pos, vis = h[:, keep], pos[:, keep], vis[keep]
-            pe = lm.rotary_emb(h, pos)
+            pe, mask = lm.rotary_emb(h, pos), _prefill_mask(model, h)
         query = _last_query(layer, h, pe) if fastv and i == fastv.layer - 1 else None
         h = layer(
             h,
-            attention_mask=_prefill_mask(model, h),
+            attention_mask=mask,
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,
