@@ -203,9 +203,10 @@ def token_reduction_args(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--token-method",
-        choices=["fastv", "divprune"],
-        default="fastv",
-        help="fastv: drop by attention after layer 2; divprune: diverse subset before the LLM",
+        choices=["divprune", "fastv"],
+        default="divprune",
+        help="divprune (default): a diverse subset enters the LLM; fastv: drop by attention "
+        "after layer 2",
     )
 
 

@@ -7,6 +7,12 @@
 - "divprune": a max-min diverse subset of `keep * N` projected tokens enters the LLM at all
   (DivPrune). Kept tokens keep their RoPE positions and their patch's SAM position encoding.
 With `keep` = 1 use the plain `Segmenter.predict` (the default image path is untouched).
+
+DivPrune is the default: at 50% it kept gIoU within 0.02 of full on every tiny model measured
+(bundled: drop 0.004), while FastV's drop depends on the weights (0.042 bundled, 0.20 on a
+fine-tuned candidate): it ranks tokens by one prompt token's attention inside the LLM, and how
+well that ranking keeps the tokens the `[SEG]` pointer needs varies from one set of weights to
+the next.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from segapp.errors import InputError
 from segapp.modeling.reduction import FastV, divprune_select, reduced_generate
 from segapp.predictor import Result, Segmenter
 
-METHODS = ("fastv", "divprune")
+METHODS = ("divprune", "fastv")  # the first is the default
 
 
 def check_keep(keep: float, where: str = "--token-keep") -> float:
@@ -36,7 +42,7 @@ def predict_reduced(
     segmenter: Segmenter,
     instruction: str,
     *,
-    method: str = "fastv",
+    method: str = "divprune",
     keep: float = 0.5,
     fastv_layer: int = 2,
 ) -> Result:
@@ -101,7 +107,7 @@ def evaluate_reduced(
     *,
     split: str = "test",
     limit: int = 700,
-    method: str = "fastv",
+    method: str = "divprune",
     keep: float = 0.5,
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -297,6 +297,14 @@ def test_fastv_and_divprune_keep_the_asked_share(bundle) -> None:
     assert sorted((picked // 5).tolist()) == [0, 1, 2]
 
 
+def test_token_keep_defaults_to_divprune() -> None:
+    """`--token-keep` alone selects DivPrune (the method that keeps gIoU within 0.02)."""
+    from segapp.cli import build_parser
+
+    args = build_parser().parse_args(["segment", "x.png", "the red circle", "--token-keep", "0.5"])
+    assert args.token_method == "divprune"
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     from segapp.video.evaluate import write_frames
