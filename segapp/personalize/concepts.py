@@ -280,6 +280,10 @@ def _reskin(image: np.ndarray, silhouette: np.ndarray, cut: Cutout) -> None:
     region[where] = fill[where]
 
 
+NEAR_MISS_FROM = 0.375  # augment's draw: [0.375, 0.5) stretched copies; 0.5 turns them off
+NEAR_MISS_STRETCH = (1.6, 2.2)
+
+
 def _silhouette(rng: np.random.Generator, side: int) -> np.ndarray:
     """A random closed form about ``side`` pixels across: 3-9 vertices at random angles and
     radii around a centre, so convex, concave and ragged forms all turn up."""
@@ -292,13 +296,25 @@ def _silhouette(rng: np.random.Generator, side: int) -> np.ndarray:
     return mask > 0
 
 
+def _stretched(cut: Cutout, rng: np.random.Generator) -> Cutout:
+    """A near miss of ``cut``: its own pixels stretched along a random axis (aspect x 1.6-2.2,
+    area kept), so colour and texture match while the outline does not."""
+    rgb, mask = _rotate(cut.rgb, cut.mask, rng.uniform(0, 180))
+    factor = float(rng.uniform(*NEAR_MISS_STRETCH)) ** 0.5
+    h, w = mask.shape
+    size = (max(4, int(round(w * factor))), max(4, int(round(h / factor))))
+    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    return Cutout(np.ascontiguousarray(rgb), np.ascontiguousarray(mask))
+
+
 def augment(
     cuts: list[Cutout], rng: np.random.Generator, *, present: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training scene: a world scene with one shot's object pasted on top (``present``), and
     often a hard distractor: a hue-shifted copy of a shot (all of it or its main colour only),
-    or one of the scene's objects or a random form painted with a shot's pixels (same look,
-    other form). Returns (image, mask)."""
+    one of the scene's objects or a random form painted with a shot's pixels, or a shot
+    stretched to another aspect (same look, other form). Returns (image, mask)."""
     scene = generate_scene(rng, "train")
     image = scene.image.copy()
     occupied = np.asarray(scene.masks.any(0), dtype=bool)
@@ -310,13 +326,16 @@ def augment(
         kind = rng.random()
         if kind < 0.25 and scene.masks[largest].sum() > 50:
             _reskin(image, scene.masks[largest], cut)
-        elif kind < 0.5:
+        elif kind < NEAR_MISS_FROM:
             side = int(np.sqrt(cut.mask.sum()) * rng.uniform(1.1, 1.6))
             form = _silhouette(rng, max(side, 8))
             blank = Cutout(np.zeros((*form.shape, 3), np.uint8), form)
             where = _paste(image, blank, occupied, rng)
             _reskin(image, where, cut)
             occupied |= where
+        elif kind < 0.5:
+            fake = _transform(_stretched(cut, rng), rng, max_side)
+            occupied |= _paste(image, fake, occupied, rng)
         else:
             fake = _transform(cut, rng, max_side, rng.uniform(60, 300), rng.random() < 0.5)
             occupied |= _paste(image, fake, occupied, rng)
