@@ -107,6 +107,27 @@ def test_reference_matches_the_shots_silhouette_turned_scaled_or_mirrored():
     assert float(own[:, -1].min()) > 0.95
 
 
+def test_a_stretched_copy_keeps_the_area_but_not_the_outline():
+    """The fit's near-miss negatives: a shot's own pixels at another aspect."""
+    from segapp.personalize.concepts import _stretched as stretched
+    from segapp.personalize.concepts import cutout
+
+    shot = _shape("arrow", radius=22.0)
+    thumb = _paint([shot], [(40, 165, 55)])
+    rgb = thumb.permute(1, 2, 0).numpy().astype(np.uint8)
+    reference = Reference(torch.from_numpy(shot[None]), _features(thumb, [shot])[1])
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        near = stretched(cutout(rgb, shot), rng)
+        assert 0.75 < near.mask.sum() / shot.sum() < 1.25
+        h, w = near.mask.shape
+        canvas = np.zeros((FEATURE_SIZE, FEATURE_SIZE), bool)
+        y0, x0 = (FEATURE_SIZE - h) // 2, (FEATURE_SIZE - w) // 2
+        canvas[y0 : y0 + h, x0 : x0 + w] = near.mask
+        match = reference.compare(_features(thumb, [canvas])[1], torch.from_numpy(canvas[None]))
+        assert float(match[0, -1]) < 0.8  # the arrow itself, turned or mirrored: > 0.85
+
+
 def test_distinct_drops_specks_duplicates_and_background():
     a = torch.zeros(FEATURE_SIZE, FEATURE_SIZE, dtype=torch.bool)
     a[10:40, 10:40] = True

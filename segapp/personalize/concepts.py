@@ -18,6 +18,8 @@ from segapp.data.world import COLORS, IMAGE_SIZE, generate_scene
 _SHIFT = 4
 JITTER_HUE = 3.0  # a fitting copy's hue shift, at most (OpenCV units: 180 to the turn)
 JITTER_VALUE = 0.1  # and its brightness factor's distance from 1, at most
+NEAR_MISS_FROM = 0.375  # augment's draw: [0.375, 0.5) stretched copies; 0.5 turns them off
+NEAR_MISS_STRETCH = (1.6, 2.2)  # their aspect factor
 
 
 def _regular(n: int, radius: float, phase: float = -90.0) -> np.ndarray:
@@ -278,10 +280,6 @@ def _reskin(image: np.ndarray, silhouette: np.ndarray, cut: Cutout) -> None:
     fill = np.where(inside[..., None], rgb, np.median(cut.rgb[cut.mask], axis=0).astype(np.uint8))
     region, where = image[y0:y1, x0:x1], silhouette[y0:y1, x0:x1]
     region[where] = fill[where]
-
-
-NEAR_MISS_FROM = 0.375  # augment's draw: [0.375, 0.5) stretched copies; 0.5 turns them off
-NEAR_MISS_STRETCH = (1.6, 2.2)
 
 
 def _silhouette(rng: np.random.Generator, side: int) -> np.ndarray:
