@@ -28,7 +28,8 @@ from segapp.errors import InputError
 from segapp.modeling.reduction import FastV, divprune_select, reduced_generate
 from segapp.predictor import Result, Segmenter
 
-METHODS = ("divprune", "fastv")  # the first is the default
+METHODS = ("divprune", "fastv")
+DEFAULT_METHOD = METHODS[0]  # segapp/cli.py's --token-method default says the same
 
 
 def check_keep(keep: float, where: str = "--token-keep") -> float:
@@ -42,7 +43,7 @@ def predict_reduced(
     segmenter: Segmenter,
     instruction: str,
     *,
-    method: str = "divprune",
+    method: str = DEFAULT_METHOD,
     keep: float = 0.5,
     fastv_layer: int = 2,
 ) -> Result:
@@ -107,7 +108,7 @@ def evaluate_reduced(
     *,
     split: str = "test",
     limit: int = 700,
-    method: str = "divprune",
+    method: str = DEFAULT_METHOD,
     keep: float = 0.5,
     progress: bool = True,
 ) -> dict[str, Any]:

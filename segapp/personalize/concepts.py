@@ -229,6 +229,14 @@ def _rotate(rgb: np.ndarray, mask: np.ndarray, angle: float) -> tuple[np.ndarray
     return rgb[y0:y1, x0:x1], keep[y0:y1, x0:x1]
 
 
+def _resized(
+    rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A cut-out's pixels (bilinear) and mask (nearest) at ``size`` = (width, height)."""
+    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+    return rgb, cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+
+
 def _transform(
     cut: Cutout, rng: np.random.Generator, max_side: int, hue: float = 0.0, main_only: bool = False
 ) -> Cutout:
@@ -239,8 +247,7 @@ def _transform(
     h, w = cut.mask.shape
     scale = min(scale, max_side / max(h, w))
     size = (max(4, int(round(w * scale))), max(4, int(round(h * scale))))
-    rgb = cv2.resize(cut.rgb, size, interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(cut.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    rgb, mask = _resized(cut.rgb, cut.mask, size)
     if rng.random() < 0.5:
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     rgb, mask = _rotate(np.ascontiguousarray(rgb), np.ascontiguousarray(mask), rng.uniform(0, 360))
@@ -275,8 +282,7 @@ def _reskin(image: np.ndarray, silhouette: np.ndarray, cut: Cutout) -> None:
     ys, xs = np.nonzero(silhouette)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     size = (int(x1 - x0), int(y1 - y0))
-    rgb = cv2.resize(cut.rgb, size, interpolation=cv2.INTER_LINEAR)
-    inside = cv2.resize(cut.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    rgb, inside = _resized(cut.rgb, cut.mask, size)
     fill = np.where(inside[..., None], rgb, np.median(cut.rgb[cut.mask], axis=0).astype(np.uint8))
     region, where = image[y0:y1, x0:x1], silhouette[y0:y1, x0:x1]
     region[where] = fill[where]
@@ -301,8 +307,7 @@ def _stretched(cut: Cutout, rng: np.random.Generator) -> Cutout:
     factor = float(rng.uniform(*NEAR_MISS_STRETCH)) ** 0.5
     h, w = mask.shape
     size = (max(4, int(round(w * factor))), max(4, int(round(h / factor))))
-    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    rgb, mask = _resized(rgb, mask, size)
     return Cutout(np.ascontiguousarray(rgb), np.ascontiguousarray(mask))
 
 
