@@ -76,6 +76,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     if video_pointer is not None:
         init_weights_(video_pointer)
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
+    no_target_ids = _no_target_ids(cfg, chat)
     return SegLLM(
         vision_tower=build_vision_tower(cfg),
         projector=projector,
@@ -91,7 +92,25 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         vision_select_layer=cfg.vision_select_layer,
         vision_merge=cfg.vision_merge,
         prefix_attention=cfg.prefix_attention,
+        no_target_ids=no_target_ids,
+        no_target_threshold=cfg.no_target_threshold,
     )
+
+
+def _no_target_ids(cfg: ModelConfig, chat: ChatFormat) -> tuple[int, ...]:
+    """First token of each of `cfg.no_target_openings` as this model's answers spell it."""
+    if not 0.0 < cfg.no_target_threshold <= 1.0:
+        raise ModelError(
+            f"no_target_threshold must be in (0, 1], got {cfg.no_target_threshold}",
+            "ModelConfig.no_target_threshold",
+        )
+    ids = []
+    for opening in cfg.no_target_openings:
+        tokens = chat.answer_ids(opening)[:-1]  # without </s>
+        if not opening.strip() or not tokens:
+            raise ModelError(f"no_target_openings entry {opening!r} has no tokens", "ModelConfig")
+        ids.append(tokens[0])
+    return tuple(sorted(set(ids)))
 
 
 def save_bundle(

@@ -110,6 +110,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bundle = (
         None if options == LoadOptions() else load_model(args.model, device=device, options=options)
     )
+    if args.no_target_threshold is not None:  # e.g. to choose it on --split val
+        threshold = args.no_target_threshold
+        if not 0.0 < threshold <= 1.0:
+            raise InputError(f"--no-target-threshold must be in (0, 1], got {threshold}", "eval")
+        bundle = bundle or load_model(args.model, device=device)
+        if not bundle.model.no_target_ids:
+            raise InputError(
+                f"model {args.model!r} names no no_target_openings in its config.json, so "
+                "--no-target-threshold has nothing to act on",
+                "--no-target-threshold",
+            )
+        bundle.model.no_target_threshold = threshold
     if args.token_keep < 1.0:
         from segapp.token_reduction import evaluate_reduced
 
@@ -253,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=700, help="samples of the synthetic split")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--compact", action="store_true", help="one-line JSON")
+    r.add_argument(
+        "--no-target-threshold",
+        type=float,
+        help="probability the first tokens of a no-target answer need to open it (default: "
+        "the model's config.json; 0.5 is about greedy decoding)",
+    )
     token_reduction_args(r)
     r.set_defaults(func=cmd_eval)
     add_video_eval(esub)  # `segapp eval video`

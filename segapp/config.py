@@ -86,6 +86,18 @@ class ModelConfig:
         "causally (a prefix LM), so every image token can compare itself with all the others "
         "(off for published LISA checkpoints, which are causal throughout)",
     )
+    no_target_openings: tuple[str, ...] = _f(
+        (),
+        "how this model's answers begin when nothing in the image matches ('There is no', "
+        "'Sorry, I cannot find'); with no_target_threshold they let the first answer token "
+        "decide whether anything is there (empty: plain greedy decoding)",
+    )
+    no_target_threshold: float = _f(
+        0.5,
+        "begin the answer with the likeliest first token of a no_target_openings entry when "
+        "those first tokens together hold at least this probability (greedy decoding from "
+        "there); below 0.5 the model says 'nothing here' more readily than greedy decoding",
+    )
     # fields for published LLaVA / LISA checkpoints; the defaults are the tiny model's choices
     projector: str = _f("mlp2x_gelu", "'mlp2x_gelu' (LLaVA-1.5) or 'linear' (LLaVA-v1, as in LISA)")
     vision_select_layer: int = _f(
@@ -126,6 +138,8 @@ class ModelConfig:
             from segapp.errors import ModelError
 
             raise ModelError(f"unknown model config fields {unknown}", "config.json")
+        if "no_target_openings" in data:  # a JSON list
+            data = {**data, "no_target_openings": tuple(data["no_target_openings"])}
         return cls(**data)
 
 
@@ -148,6 +162,8 @@ CHECKPOINT_ONLY_FIELDS = (
     "prefix_attention",
     "video_seg_pointer",
     "multi_group",
+    "no_target_openings",
+    "no_target_threshold",
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 

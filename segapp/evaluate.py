@@ -216,6 +216,7 @@ def evaluate_reason(
         meter.add(pred, gt, ignore=ignore, kind=kind, n_pred=len(result.masks), n_gt=n_gt)
     summary = meter.summary()
     summary.update(
+        no_target_threshold=seg.model.no_target_threshold if seg.model.no_target_ids else None,
         model=model if bundle is None else bundle.source,
         split=split if data is None else str(data),
         seconds=round(time.perf_counter() - started, 1),

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from segapp.build import Bundle, build_segllm, image_token_count, save_bundle
 from segapp.config import ModelConfig, TrainConfig
 from segapp.data.batches import BatchStream, TrainBatch
+from segapp.data.queries import NO_TARGET_OPENINGS
 from segapp.errors import InputError, ModelError
 from segapp.modeling.segllm import SegLLM
 from segapp.tokenizer import chat_format_for, load_tokenizer, train_tokenizer
@@ -274,6 +275,8 @@ def train(
         model.llm = cast(Any, model.llm).merge_and_unload()
     if train_cfg.multi_order == "group_first":  # the predictor must know the first [SEG]
         model_cfg = replace(model_cfg, multi_group=True)
+    if not model_cfg.no_target_openings:  # so a threshold in config.json can act on them
+        model_cfg = replace(model_cfg, no_target_openings=NO_TARGET_OPENINGS)
     save_bundle(model, tokenizer, model_cfg, out_dir)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(train_cfg), indent=2) + "\n")
     return last

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from segapp.build import REPO_ROOT, load_model
+from segapp.data.instructions import generate_sample
+from segapp.data.queries import NO_TARGET_OPENINGS
 from segapp.data.reasonseg import read_dir
 from segapp.evaluate import evaluate_reason
 from segapp.predictor import Segmenter
@@ -78,3 +80,27 @@ def test_examples_directory_is_a_reasonseg_split(bundle, tmp_path: Path) -> None
     report = evaluate_reason(data=EXAMPLES, progress=False, bundle=bundle)
     assert report["n"] == 7
     assert 0.0 <= report["ciou"] <= 1.0
+
+
+def test_the_no_target_threshold_only_adds_no_target_answers(bundle) -> None:
+    """weights/tiny/config.json lowers the threshold below greedy's 0.5 (chosen on the val
+    split): every answer that greedy decoding gives without a mask stays so, and some absent
+    objects that greedy decoding described are now answered 'There is no ...'."""
+    assert bundle.model.no_target_ids and bundle.model.no_target_threshold < 0.5
+    segmenter = Segmenter(bundle)
+    samples = [s for s in (generate_sample("test", i) for i in range(120)) if s.kind == "none"]
+    chosen = bundle.model.no_target_threshold
+    lowered = [segmenter.segment(s.image, s.instruction) for s in samples]
+    try:
+        bundle.model.no_target_threshold = 1.0  # the openings' first tokens never hold it all
+        greedy = [segmenter.segment(s.image, s.instruction) for s in samples]
+    finally:
+        bundle.model.no_target_threshold = chosen
+    flipped = 0
+    for low, high in zip(lowered, greedy, strict=True):
+        if not high.masks:
+            assert (low.answer, low.masks) == (high.answer, [])
+        elif not low.masks:
+            flipped += 1
+            assert low.answer.startswith(NO_TARGET_OPENINGS), low.answer
+    assert flipped >= 1

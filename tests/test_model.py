@@ -117,6 +117,45 @@ def test_unknown_config_field(model_copy: Path) -> None:
         load_bundle(model_copy)
 
 
+def _with_config(model_dir: Path, **changes) -> None:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def test_no_target_openings_take_the_first_token_above_the_threshold(model_copy: Path) -> None:
+    _with_config(
+        model_copy,
+        no_target_openings=["There is no", "Sorry, I cannot find"],
+        no_target_threshold=0.3,
+    )
+    bundle = load_bundle(model_copy)
+    model, chat = bundle.model, bundle.chat
+    there, sorry = chat.answer_ids("There")[0], chat.answer_ids("Sorry")[0]
+    other = chat.answer_ids("It")[0]
+    assert model.no_target_ids == tuple(sorted({there, sorry}))
+    probs = torch.full((3, len(chat.tokenizer)), 1e-6)
+    probs[0, [other, there, sorry]] = torch.tensor([0.5, 0.2, 0.15])  # openings 0.35 >= 0.3
+    probs[1, [other, there, sorry]] = torch.tensor([0.7, 0.1, 0.15])  # 0.25: greedy
+    probs[2, [other, there, sorry]] = torch.tensor([0.3, 0.1, 0.6])  # greedy is an opening
+    assert model.first_tokens(probs.log()) == [there, other, sorry]
+    model.no_target_ids = ()
+    assert model.first_tokens(probs.log()) == [other, other, sorry]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"no_target_threshold": 0.0}, "no_target_threshold must be in"),
+        ({"no_target_threshold": 1.5}, "no_target_threshold must be in"),
+        ({"no_target_openings": ["   "]}, "has no tokens"),
+    ],
+)
+def test_bad_no_target_settings_are_named(model_copy: Path, changes: dict, message: str) -> None:
+    _with_config(model_copy, **changes)
+    with pytest.raises(ModelError, match=message):
+        load_bundle(model_copy)
+
+
 def test_unknown_preset_lists_choices() -> None:
     with pytest.raises(ModelError, match="nope") as info:
         load_model("nope")

@@ -26,6 +26,8 @@ KINDS: tuple[str, ...] = (
     "multi",
     "none",
 )
+# how a no-target answer begins (`none`); a model trained here is told them (ModelConfig)
+NO_TARGET_OPENINGS = ("There is no", "Sorry, I cannot find")
 HELD_OUT_PREFERENCE = 0.75  # val/test: chance to aim a query at a held-out-combo object first
 
 
@@ -376,9 +378,9 @@ def none(scene: Scene, rng: np.random.Generator, split: str) -> Query | None:
         desc = f"{color} {shape}"
         instruction, is_sentence = _wrap(rng, f"the {desc}")
     if rng.random() < 0.7:
-        answer = f"There is no {desc} in the image."
+        answer = f"{NO_TARGET_OPENINGS[0]} {desc} in the image."
     else:
-        answer = f"Sorry, I cannot find {kb.article(desc)} {desc} in this image."
+        answer = f"{NO_TARGET_OPENINGS[1]} {kb.article(desc)} {desc} in this image."
     return Query("none", instruction, answer, (), is_sentence)
 
 

@@ -230,7 +230,7 @@ def reduced_generate(
     refreshes = 0
     limit = max(0, model.llm.config.max_position_embeddings * 4 - next_pos)
     for step in range(min(max_new_tokens, limit)):
-        next_id = int(logits.argmax(-1)[0])
+        next_id = model.first_tokens(logits)[0] if step == 0 else int(logits.argmax(-1)[0])
         if next_id == model.eos_token_id:
             break
         tokens.append(next_id)

@@ -58,6 +58,8 @@ class SegLLM(nn.Module):
         vision_select_layer: int = -1,
         vision_merge: int = 1,
         prefix_attention: bool = False,
+        no_target_ids: tuple[int, ...] = (),
+        no_target_threshold: float = 0.5,
     ) -> None:
         super().__init__()
         self.vision_tower = vision_tower
@@ -74,10 +76,34 @@ class SegLLM(nn.Module):
         self.vision_merge = vision_merge
         self.prefix_attention = prefix_attention  # prompt bidirectional, answer causal
         self.vision_select_layer = vision_select_layer  # LLaVA takes the second-to-last layer
+        # first tokens of the answers that say nothing matches, and the probability they need
+        # together to open the answer (`first_tokens`)
+        self.no_target_ids = no_target_ids
+        self.no_target_threshold = no_target_threshold
 
     @property
     def device(self) -> torch.device:
         return self.sam.pixel_mean.device
+
+    def first_tokens(self, logits: torch.Tensor) -> list[int]:
+        """The first answer token of each row (logits B x V after the prompt): the argmax,
+        unless the first tokens of the no-target answers ("There is no ...") together have
+        probability >= `no_target_threshold`; then the likeliest of them.
+
+        Whether anything in the image matches is decided at this one token (every later one
+        follows greedily), and greedy decoding needs that token to win outright: a model that
+        is unsure whether the object is there starts describing one. A threshold below 0.5,
+        chosen on a validation split, trades a few answers about a present object for
+        "nothing here" on many absent ones (model card, weights/tiny/README.md).
+        """
+        greedy = logits.argmax(-1)
+        if not self.no_target_ids:
+            return [int(i) for i in greedy.tolist()]
+        ids = torch.tensor(self.no_target_ids, device=logits.device)
+        probs = logits.float().softmax(-1)[:, ids]  # B x K
+        opening = ids[probs.argmax(-1)]
+        chosen = torch.where(probs.sum(-1) >= self.no_target_threshold, opening, greedy)
+        return [int(i) for i in chosen.tolist()]
 
     @property
     def video_pointer(self) -> SegPointer | None:
@@ -343,8 +369,8 @@ class SegLLM(nn.Module):
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         done = [False] * batch
         limit = self.llm.config.max_position_embeddings - input_ids.shape[1]
-        for _ in range(min(max_new_tokens, limit)):
-            next_ids = logits.argmax(-1).tolist()
+        for step in range(min(max_new_tokens, limit)):
+            next_ids = self.first_tokens(logits) if step == 0 else logits.argmax(-1).tolist()
             for row, next_id in enumerate(next_ids):
                 if done[row]:
                     continue
