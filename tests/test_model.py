@@ -142,6 +142,28 @@ def test_no_target_openings_take_the_first_token_above_the_threshold(model_copy:
     assert model.first_tokens(probs.log()) == [other, other, sorry]
 
 
+def test_every_decoding_path_opens_with_a_no_target_token_above_the_threshold(
+    model_copy: Path, image: np.ndarray
+) -> None:
+    from segapp.token_reduction import predict_reduced
+
+    _with_config(model_copy, no_target_openings=["There is no"], no_target_threshold=1e-9)
+    bundle = load_bundle(model_copy)
+    model, chat = bundle.model, bundle.chat
+    segmenter = Segmenter(bundle, max_new_tokens=3)
+    segmenter.set_image(image)
+    ids = torch.tensor([segmenter.prompt_ids(INSTRUCTION)[1]])
+    there = chat.answer_ids("There")[0]
+    assert model.generate(ids, segmenter.cache.image_tokens).token_ids[0] == there
+    assert chat.answer_ids(segmenter.predict(INSTRUCTION).answer)[0] == there
+    reduced = predict_reduced(segmenter, INSTRUCTION, keep=0.5)
+    assert chat.answer_ids(reduced.answer)[0] == there
+    # no_target=False (concept queries) decodes as a model without openings does
+    own = model.generate(ids, segmenter.cache.image_tokens, no_target=False).token_ids
+    model.no_target_ids = ()
+    assert own == model.generate(ids, segmenter.cache.image_tokens).token_ids
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

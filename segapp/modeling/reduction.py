@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from segapp.modeling.segllm import Generation, SegLLM
+from segapp.modeling.segllm import CACHE, Generation, SegLLM
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,8 @@ def reduced_generate(
             h,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE: cache},
             position_embeddings=pe,
         )
         if query is not None:
@@ -241,9 +241,7 @@ def reduced_generate(
         pe = lm.rotary_emb(h, p)
         for i, layer in enumerate(layers):
             query = _last_query(layer, h, pe) if kv_prune and i == kv_prune.layer - 1 else None
-            h = layer(
-                h, position_ids=p, past_key_values=cache, use_cache=True, position_embeddings=pe
-            )
+            h = layer(h, position_ids=p, use_cache=True, position_embeddings=pe, **{CACHE: cache})
             if query is not None and kv_prune is not None:
                 att = _attention(query, cache.keys[i], layer)[vis_positions]  # type: ignore[arg-type]
                 if previous is None or float(F.cosine_similarity(att, previous, dim=0)) < (

@@ -15,6 +15,7 @@ Data flow (shapes for B images, Q sequences, M `[SEG]` tokens):
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,8 +24,17 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from segapp.modeling.pointer import SegPointer
+
+# the KV cache's keyword and output field: `cache` since transformers 5.x renamed it (the old
+# `past_key_values` still works there, with a deprecation warning on every call)
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters
+    else ("past_key_values")
+)
 
 
 @dataclass
@@ -332,17 +342,30 @@ class SegLLM(nn.Module):
 
     # ---- generation ------------------------------------------------------------------------
     def generate(
-        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int = 48
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        *,
+        max_new_tokens: int = 48,
+        no_target: bool = True,
     ) -> Generation:
         """Greedy decoding with a KV cache for one sequence (input_ids 1 x L, image 1 x N x H).
 
-        Keeps the last-layer hidden state of every step that emits `[SEG]`.
+        Keeps the last-layer hidden state of every step that emits `[SEG]`. `no_target=False`
+        takes the first token greedily too (`first_tokens` otherwise).
         """
-        return self.generate_batch(input_ids, image_tokens, max_new_tokens=max_new_tokens)[0]
+        return self.generate_batch(
+            input_ids, image_tokens, max_new_tokens=max_new_tokens, no_target=no_target
+        )[0]
 
     @torch.inference_mode()
     def generate_batch(
-        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, *, max_new_tokens: int
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        no_target: bool = True,
     ) -> list[Generation]:
         """Greedy decoding of B equal-length prompts at once (input_ids B x L, images B x N x H).
 
@@ -358,7 +381,7 @@ class SegLLM(nn.Module):
             use_cache=True,
             output_hidden_states=True,
         )
-        past, logits, hidden = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
+        past, logits, hidden = getattr(out, CACHE), out.logits[:, -1], out.hidden_states[-1][:, -1]
         slots = input_ids == self.image_token_id  # kept for the pointer only
         image_hidden = [
             out.hidden_states[-1][row][slots[row]] if self.seg_pointer is not None else None
@@ -370,7 +393,8 @@ class SegLLM(nn.Module):
         done = [False] * batch
         limit = self.llm.config.max_position_embeddings - input_ids.shape[1]
         for step in range(min(max_new_tokens, limit)):
-            next_ids = self.first_tokens(logits) if step == 0 else logits.argmax(-1).tolist()
+            first = step == 0 and no_target
+            next_ids = self.first_tokens(logits) if first else logits.argmax(-1).tolist()
             for row, next_id in enumerate(next_ids):
                 if done[row]:
                     continue
@@ -386,10 +410,10 @@ class SegLLM(nn.Module):
                 torch.tensor(next_ids, device=self.device)[:, None]
             )
             out = self.llm(
-                inputs_embeds=step, past_key_values=past, use_cache=True, output_hidden_states=True
+                inputs_embeds=step, use_cache=True, output_hidden_states=True, **{CACHE: past}
             )
             past, logits, hidden = (
-                out.past_key_values,
+                getattr(out, CACHE),
                 out.logits[:, -1],
                 out.hidden_states[-1][:, -1],
             )

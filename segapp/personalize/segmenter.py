@@ -127,10 +127,14 @@ class PersonalSegmenter(Segmenter):
             self.bank.activate(f"{info.user}/{info.name}/{info.version}", Path(info.path))
             t1 = time.perf_counter()
             self.switch_s = t1 - t0
+            # greedy throughout: the adapter's answer proposes a mask and the concept's
+            # verifier, tuned on greedy answers, decides whether the concept is there (the
+            # base model's no-target threshold cost 3-shot false positives: README)
             gen = self.model.generate(
                 torch.tensor([ids], device=self.device),
                 cache.image_tokens,
                 max_new_tokens=self.max_new_tokens,
+                no_target=False,
             )
             # the concept row is past the tokenizer: never decoded as text
             answer = self.bundle.chat.decode(
