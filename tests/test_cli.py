@@ -251,3 +251,20 @@ def test_real_process_missing_file(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: no such file ({missing})"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("model", "threshold", "message"),
+    [
+        ("tiny", "1.5", "--no-target-threshold must be in"),
+        ("random", "0.3", "names no no_target_openings"),
+    ],
+)
+def test_bad_no_target_threshold_is_one_line_exit_2(
+    random_model_dir: Path, model: str, threshold: str, message: str, capsys
+) -> None:
+    model_arg = str(random_model_dir) if model == "random" else model
+    argv = ["eval", "reason", "--model", model_arg, "--limit", "1", "--quiet"]
+    code = run([*argv, "--no-target-threshold", threshold])
+    line = _assert_one_line_error(capsys.readouterr().err)
+    assert code == 2 and message in line

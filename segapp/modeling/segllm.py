@@ -30,11 +30,8 @@ from segapp.modeling.pointer import SegPointer
 
 # the KV cache's keyword and output field: `cache` since transformers 5.x renamed it (the old
 # `past_key_values` still works there, with a deprecation warning on every call)
-CACHE = (
-    "cache"
-    if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters
-    else ("past_key_values")
-)
+_LAYER_ARGS = inspect.signature(LlamaDecoderLayer.forward).parameters
+CACHE = "cache" if "cache" in _LAYER_ARGS else "past_key_values"
 
 
 @dataclass
