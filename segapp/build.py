@@ -18,7 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from segapp.config import CHECKPOINT_PRESETS, MODEL_PRESETS, SEGAPP_FORMATS, ModelConfig
+from segapp.config import (
+    CHECKPOINT_PRESETS,
+    MODEL_PRESETS,
+    SEGAPP_FORMATS,
+    ModelConfig,
+    valid_no_target_threshold,
+)
 from segapp.errors import ModelError
 from segapp.modeling.builders import (
     build_image_pos,
@@ -99,7 +105,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
 
 def _no_target_ids(cfg: ModelConfig, chat: ChatFormat) -> tuple[int, ...]:
     """First token of each of `cfg.no_target_openings` as this model's answers spell it."""
-    if not 0.0 < cfg.no_target_threshold <= 1.0:
+    if not valid_no_target_threshold(cfg.no_target_threshold):
         raise ModelError(
             f"no_target_threshold must be in (0, 1], got {cfg.no_target_threshold}",
             "ModelConfig.no_target_threshold",

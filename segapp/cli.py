@@ -111,8 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         None if options == LoadOptions() else load_model(args.model, device=device, options=options)
     )
     if args.no_target_threshold is not None:  # e.g. to choose it on --split val
+        from segapp.config import valid_no_target_threshold
+
         threshold = args.no_target_threshold
-        if not 0.0 < threshold <= 1.0:
+        if not valid_no_target_threshold(threshold):
             raise InputError(f"--no-target-threshold must be in (0, 1], got {threshold}", "eval")
         bundle = bundle or load_model(args.model, device=device)
         if not bundle.model.no_target_ids:

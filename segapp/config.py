@@ -143,6 +143,11 @@ class ModelConfig:
         return cls(**data)
 
 
+def valid_no_target_threshold(value: float) -> bool:
+    """A probability the no-target openings can reach: in (0, 1]."""
+    return 0.0 < value <= 1.0
+
+
 # chat formats of segapp's own models (its own byte-level BPE tokenizer.json)
 SEGAPP_FORMATS = ("segapp", "segapp_text_first")
 

@@ -21,7 +21,7 @@ from segapp.build import Bundle, load_model
 from segapp.data.answers import is_group_answer
 from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
-from segapp.modeling.segllm import Generation
+from segapp.modeling.generation import Generation
 from segapp.preprocess import postprocess_logits, sam_tensor, sam_thumbnail, vision_tensor
 from segapp.tokenizer import SEG_TOKEN
 

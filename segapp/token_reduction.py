@@ -9,7 +9,7 @@
 With `keep` = 1 use the plain `Segmenter.predict` (the default image path is untouched).
 
 DivPrune is the default: at 50% it kept gIoU within 0.02 of full on every tiny model measured
-(the bundled weights: drop 0.003), while FastV's drop depends on the weights (0.20 on the
+(the bundled weights: drop 0.004), while FastV's drop depends on the weights (0.20 on the
 bundled ones, 0.042 on those before): it ranks tokens by one prompt token's attention inside
 the LLM, and how well that ranking keeps the tokens the `[SEG]` pointer needs varies from one
 set of weights to the next.

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from segapp.modeling.segllm import CACHE, Generation, SegLLM
+from segapp.modeling.generation import CACHE, Generation
+from segapp.modeling.segllm import SegLLM
 
 
 @dataclass(frozen=True)

@@ -15,36 +15,15 @@ Data flow (shapes for B images, Q sequences, M `[SEG]` tokens):
 
 from __future__ import annotations
 
-import inspect
-import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from segapp.modeling.generation import Generation, first_tokens, generate_batch
 from segapp.modeling.pointer import SegPointer
-
-# the KV cache's keyword and output field: `cache` since transformers 5.x renamed it (the old
-# `past_key_values` still works there, with a deprecation warning on every call)
-_LAYER_ARGS = inspect.signature(LlamaDecoderLayer.forward).parameters
-CACHE = "cache" if "cache" in _LAYER_ARGS else "past_key_values"
-
-
-@dataclass
-class Generation:
-    """Greedy decoding output for one sequence."""
-
-    token_ids: list[int]  # generated ids, without the prompt
-    seg_hidden: torch.Tensor  # M x H hidden states that predicted each [SEG]
-    prefill_tokens: int  # sequence length at prefill (image tokens included)
-    prefill_s: float = 0.0  # wall time of the prefill forward pass
-    decode_s: float = 0.0  # wall time of the token-by-token loop
-    image_hidden: torch.Tensor | None = None  # N' x H last-layer hidden states of image tokens
-    image_index: torch.Tensor | None = None  # N' patch index of each (None: 0..N-1)
 
 
 class SegLLM(nn.Module):
@@ -93,24 +72,8 @@ class SegLLM(nn.Module):
         return self.sam.pixel_mean.device
 
     def first_tokens(self, logits: torch.Tensor) -> list[int]:
-        """The first answer token of each row (logits B x V after the prompt): the argmax,
-        unless the first tokens of the no-target answers ("There is no ...") together have
-        probability >= `no_target_threshold`; then the likeliest of them.
-
-        Whether anything in the image matches is decided at this one token (every later one
-        follows greedily), and greedy decoding needs that token to win outright: a model that
-        is unsure whether the object is there starts describing one. A threshold below 0.5,
-        chosen on a validation split, trades a few answers about a present object for
-        "nothing here" on many absent ones (model card, weights/tiny/README.md).
-        """
-        greedy = logits.argmax(-1)
-        if not self.no_target_ids:
-            return [int(i) for i in greedy.tolist()]
-        ids = torch.tensor(self.no_target_ids, device=logits.device)
-        probs = logits.float().softmax(-1)[:, ids]  # B x K
-        opening = ids[probs.argmax(-1)]
-        chosen = torch.where(probs.sum(-1) >= self.no_target_threshold, opening, greedy)
-        return [int(i) for i in chosen.tolist()]
+        """The first answer token of each row (`generation.first_tokens`)."""
+        return first_tokens(self, logits)
 
     @property
     def video_pointer(self) -> SegPointer | None:
@@ -355,7 +318,6 @@ class SegLLM(nn.Module):
             input_ids, image_tokens, max_new_tokens=max_new_tokens, no_target=no_target
         )[0]
 
-    @torch.inference_mode()
     def generate_batch(
         self,
         input_ids: torch.Tensor,
@@ -364,66 +326,7 @@ class SegLLM(nn.Module):
         max_new_tokens: int,
         no_target: bool = True,
     ) -> list[Generation]:
-        """Greedy decoding of B equal-length prompts at once (input_ids B x L, images B x N x H).
-
-        A row that has emitted `</s>` keeps riding along (its outputs are ignored) until every
-        row is done; `generate` is the one-row case. Wall times are shared equally.
-        """
-        t0 = time.perf_counter()
-        batch = input_ids.shape[0]
-        embeds = self.embed_inputs(input_ids, image_tokens)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=self.prefill_attention_mask(embeds),
-            use_cache=True,
-            output_hidden_states=True,
+        """Greedy decoding of B equal-length prompts at once (`generation.generate_batch`)."""
+        return generate_batch(
+            self, input_ids, image_tokens, max_new_tokens=max_new_tokens, no_target=no_target
         )
-        past, logits, hidden = getattr(out, CACHE), out.logits[:, -1], out.hidden_states[-1][:, -1]
-        slots = input_ids == self.image_token_id  # kept for the pointer only
-        image_hidden = [
-            out.hidden_states[-1][row][slots[row]] if self.seg_pointer is not None else None
-            for row in range(batch)
-        ]
-        t1 = time.perf_counter()
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        limit = self.llm.config.max_position_embeddings - input_ids.shape[1]
-        for step in range(min(max_new_tokens, limit)):
-            first = step == 0 and no_target
-            next_ids = self.first_tokens(logits) if first else logits.argmax(-1).tolist()
-            for row, next_id in enumerate(next_ids):
-                if done[row]:
-                    continue
-                if next_id == self.eos_token_id:
-                    done[row] = True
-                    continue
-                tokens[row].append(next_id)
-                if next_id == self.seg_token_id:
-                    seg_hidden[row].append(hidden[row])
-            if all(done):
-                break
-            step = self.llm.get_input_embeddings()(
-                torch.tensor(next_ids, device=self.device)[:, None]
-            )
-            out = self.llm(
-                inputs_embeds=step, use_cache=True, output_hidden_states=True, **{CACHE: past}
-            )
-            past, logits, hidden = (
-                getattr(out, CACHE),
-                out.logits[:, -1],
-                out.hidden_states[-1][:, -1],
-            )
-        t2 = time.perf_counter()
-        width = self.llm.config.hidden_size
-        return [
-            Generation(
-                tokens[row],
-                torch.stack(seg_hidden[row]) if seg_hidden[row] else embeds.new_zeros(0, width),
-                int(input_ids.shape[1]),
-                (t1 - t0) / batch,
-                (t2 - t1) / batch,
-                image_hidden[row],
-            )
-            for row in range(batch)
-        ]

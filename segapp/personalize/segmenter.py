@@ -17,7 +17,7 @@ import torch
 from segapp.build import Bundle
 from segapp.errors import InputError
 from segapp.images import check_instruction
-from segapp.modeling.segllm import Generation
+from segapp.modeling.generation import Generation
 from segapp.personalize.adapters import bank_for, concept_names, concept_prompt_ids
 from segapp.personalize.store import ConceptInfo, ConceptStore, validate_slug
 from segapp.personalize.verify import Verifier, choose
