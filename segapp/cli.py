@@ -104,6 +104,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from segapp.build import LoadOptions, load_model
+    from segapp.config import valid_no_target_threshold
     from segapp.evaluate import evaluate_reason
 
     device, options = pick_device(args.device), load_options(args)
@@ -111,8 +112,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         None if options == LoadOptions() else load_model(args.model, device=device, options=options)
     )
     if args.no_target_threshold is not None:  # e.g. to choose it on --split val
-        from segapp.config import valid_no_target_threshold
-
         threshold = args.no_target_threshold
         if not valid_no_target_threshold(threshold):
             raise InputError(f"--no-target-threshold must be in (0, 1], got {threshold}", "eval")
