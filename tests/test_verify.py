@@ -14,7 +14,7 @@ from segapp.build import load_model
 from segapp.personalize import ConceptStore, PersonalSegmenter, fit_concept
 from segapp.personalize.concepts import NOVEL_SHAPES, concept_scene, sample_concepts
 from segapp.personalize.fit import FitConfig
-from segapp.personalize.reference import Reference, colour_bins, shot_colours
+from segapp.personalize.reference import Reference, colour_bins, shot_colours, shot_hists
 from segapp.personalize.segmenter import NOT_FOUND
 from segapp.personalize.verify import (
     FEATURE_SIZE,
@@ -201,6 +201,51 @@ def test_verifier_reference_round_trips(tmp_path):
         reference.compare(form, candidates, thumb),
         again.reference.compare(form, candidates, thumb),
     )
+
+
+def test_likeness_tells_the_shots_colours_and_the_appearance_head_leaves_their_wearers_out(
+    tmp_path,
+):
+    tee, bolt = _shape("tee", radius=16.0), _shape("bolt", center=(24.0, 24.0), radius=14.0)
+    other = _shape("pentagon", center=(100.0, 100.0), radius=14.0)
+    two = tee.copy()
+    two[:64, :] = False  # the top half of the tee in a second colour
+    thumb = _paint(
+        [tee, two, bolt, other], [(200, 30, 30), (30, 30, 200), (200, 30, 30), (40, 200, 40)]
+    )
+    shots = torch.from_numpy(tee[None])
+    forms = _features(thumb, [tee])[1]
+    reference = Reference(
+        shots, forms, shot_colours(thumb[None], shots), shot_hists(thumb[None], shots)
+    )
+    a = _features(thumb, [tee, bolt, other])[0]
+    a_ref = mask_features(
+        thumb, EMBEDDING, torch.from_numpy(np.stack([tee, bolt, other])), reference
+    )[0]
+    assert a_ref.shape[1] == a.shape[1] + 2 and torch.equal(a_ref[:, :-2], a)
+    inter, share = a_ref[:, -2], a_ref[:, -1]
+    assert inter[0] > 0.99 and share[0] > 0.99  # the shot itself
+    assert share[1] > 0.99 and 0.2 < inter[1] < 0.9  # a bolt in one of the shot's two colours
+    assert inter[2] < 0.05 and share[2] < 0.05  # another colour
+    # scenes where negatives in the shots' colours look, to appearance, just like the object
+    rng = np.random.default_rng(3)
+    scenes = []
+    for i in range(30):
+        x = torch.from_numpy(rng.normal(0, 0.2, (4, 4))).float()
+        x[0, 0] += 1.0  # the object
+        x[1, :2] += 1.0  # a look-alike in its colours (share 1), told apart by feature 1
+        x[:, -1] = torch.tensor([1.0, 1.0, 0.0, 0.0])
+        iou = torch.tensor([0.9, 0.0, 0.0, 0.0]) if i % 2 == 0 else torch.zeros(4)
+        scenes.append(Scene((x, torch.from_numpy(rng.normal(0, 0.3, (4, 3))).float()), iou, True))
+    with_hists = fit_verifier(scenes, reference)
+    without = fit_verifier(scenes, Reference(shots, forms, reference.colours))
+    look = torch.tensor([[1.0, 1.0, 0.0, 1.0]])  # taught as a negative only without hists
+    assert float(with_hists.appearance.prob(look)) > 0.5 > float(without.appearance.prob(look))
+    with_hists.save(tmp_path)
+    again = Verifier.load(tmp_path)
+    assert again is not None and again.reference is not None
+    assert again.reference.hists is not None
+    assert torch.equal(again.reference.hists, reference.hists)
 
 
 def test_snap_recovers_the_outline_in_the_shots_colours():

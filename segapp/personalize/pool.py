@@ -13,7 +13,7 @@ from segapp.build import Bundle
 from segapp.data.batches import deepest_point, patch_cover
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.concepts import augment, cutout
-from segapp.personalize.reference import Reference, shot_colours
+from segapp.personalize.reference import Reference, shot_colours, shot_hists
 from segapp.personalize.verify import (
     Verifier,
     fit_verifier,
@@ -99,7 +99,10 @@ def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
         mask_features(pool.thumbs[i], pool.sam[i : i + 1], shots[i : i + 1])[1]
         for i in range(pool.shots)
     ]
-    reference = Reference(shots, torch.cat(forms), shot_colours(pool.thumbs[: pool.shots], shots))
+    thumbs = pool.thumbs[: pool.shots]
+    reference = Reference(
+        shots, torch.cat(forms), shot_colours(thumbs, shots), shot_hists(thumbs, shots)
+    )
     found = []
     for i in sorted({int(v) for v in pick}):
         target = _target(pool, i) if bool(pool.positive[i]) else None

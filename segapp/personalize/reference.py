@@ -77,6 +77,14 @@ def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05)
     return found
 
 
+def shot_hists(thumbs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """K x 64: the colour histogram of each shot's object (thumbs K x 3 x F x F RGB, masks
+    K x F x F bool)."""
+    flat = masks.float().flatten(1)
+    counts = torch.stack([m @ colour_bins(t) for t, m in zip(thumbs, flat, strict=True)])
+    return counts / flat.sum(1, keepdim=True).clamp(min=1)
+
+
 def _jitter(thumb: torch.Tensor, hue: float, value: float) -> torch.Tensor:
     """3 x F x F RGB with its hue turned by ``hue`` (OpenCV units) and brightness x ``value``."""
     if hue == 0.0 and value == 1.0:
@@ -96,6 +104,7 @@ class Reference:
     masks: torch.Tensor
     forms: torch.Tensor  # K x B
     colours: torch.Tensor | None = None  # 64 bools: colour bins the shots are made of
+    hists: torch.Tensor | None = None  # K x 64: each shot's colour histogram (shot_hists)
 
     def __post_init__(self) -> None:
         self.templates = silhouettes(self.masks, MATCH_TURNS, mirror=True).flatten(0, 1)
@@ -128,6 +137,15 @@ class Reference:
         q = pixels.astype(np.int64) * HIST_LEVELS // 256
         snapped = near & self.colours.cpu().numpy()[bin_index(q[..., 0], q[..., 1], q[..., 2])]
         return snapped if snapped.sum() >= mask.sum() / 3 else mask
+
+    def likeness(self, hist: torch.Tensor) -> torch.Tensor | None:
+        """C x 2 for C candidates' colour histograms (C x 64): the best intersection with a
+        shot's histogram, and the share of the candidate's pixels in the shots' colour bins;
+        None for a reference stored without histograms."""
+        if self.hists is None or self.colours is None:
+            return None
+        inter = torch.minimum(hist[:, None], self.hists[None]).sum(2).max(1).values
+        return torch.stack([inter, hist[:, self.colours].sum(1)], 1)
 
     def compare(
         self, form: torch.Tensor, masks: torch.Tensor, thumb: torch.Tensor | None = None

@@ -61,9 +61,10 @@ from segapp.preprocess import THUMBNAIL_SIZE as FEATURE_SIZE
 FILE = "verifier.safetensors"
 GRID = 8  # point prompts per side
 POSITIVE_IOU, NEGATIVE_IOU = 0.75, 0.2  # 0.6 let ragged pieces teach the form head
-THRESHOLD = 0.6  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
+THRESHOLD = 0.65  # chosen on `segapp eval personal --seed 1`; seed 0 is reported
 MIN_AREA = 12  # candidate pixels at FEATURE_SIZE
 DUPLICATE_IOU = 0.8
+SAME_COLOURS = 0.8  # share of a negative's pixels in the shots' colours: left out of appearance
 
 
 @torch.no_grad()
@@ -132,8 +133,10 @@ def mask_features(
     reference: Reference | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(appearance C x A, form C x B) features of C x F x F bool masks over one image; with a
-    ``reference``, form also holds each form feature's distance to the shots and the
-    silhouette match (``Reference.compare``).
+    ``reference``, appearance ends with the colour likeness to the shots
+    (``Reference.likeness``: best histogram intersection, share in the shots' colours) and
+    form also holds each form feature's distance to the shots and the silhouette match
+    (``Reference.compare``).
 
     thumb: 3 x F x F RGB (preprocess.sam_thumbnail); embedding: 1 x D x h x w SAM image embedding.
     """
@@ -152,6 +155,9 @@ def mask_features(
     share = share.flatten(1)
     pooled = F.normalize(share @ cells / share.sum(1, keepdim=True).clamp(min=1e-6), dim=1)
     appearance = torch.cat([hist, lab_mean, lab_std, pooled], 1)
+    likeness = reference.likeness(hist) if reference is not None else None
+    if likeness is not None:
+        appearance = torch.cat([appearance, likeness], 1)
     grown = F.max_pool2d(masks.float()[:, None], (1, 7), 1, (0, 3))  # a 7 x 7 dilation,
     grown = F.max_pool2d(grown, (7, 1), 1, (3, 0))  # one axis at a time
     ring = (grown[:, 0].flatten(1) - flat).clamp(min=0)
@@ -233,6 +239,8 @@ class Verifier:
             tensors["reference.forms"] = self.reference.forms.contiguous()
             if self.reference.colours is not None:
                 tensors["reference.colours"] = self.reference.colours.to(torch.uint8)
+            if self.reference.hists is not None:
+                tensors["reference.hists"] = self.reference.hists.contiguous()
         save_file(tensors, str(directory / FILE))
 
     @classmethod
@@ -250,7 +258,8 @@ class Verifier:
         reference = None
         if "reference.masks" in t:
             colours = t["reference.colours"].bool() if "reference.colours" in t else None
-            reference = Reference(t["reference.masks"].bool(), t["reference.forms"], colours)
+            hists = t.get("reference.hists")
+            reference = Reference(t["reference.masks"].bool(), t["reference.forms"], colours, hists)
         return cls(
             heads["appearance"],
             heads["form"],
@@ -307,10 +316,16 @@ def fit_verifier(scenes: list[Scene], reference: Reference | None = None) -> Ver
     """The heads on every scene's labelled candidates, the fixed ``THRESHOLD``.
 
     reference: the one the scenes' features were computed with (kept for predict); with it a
-    third head gates on the silhouette match alone."""
+    third head gates on the silhouette match alone, and when it holds the shots' histograms
+    the appearance head leaves out the negatives wearing the shots' colours (share >=
+    ``SAME_COLOURS``): telling those apart is the form and silhouette heads' work, and taught
+    to the appearance head they made it reject the object itself in new scenes."""
     a, b, y = _labelled(scenes)
     silhouette = fit_head(b[:, -1:], y) if reference is not None else None
-    return Verifier(fit_head(a, y), fit_head(b, y), THRESHOLD, reference, silhouette)
+    keep = torch.ones_like(y, dtype=torch.bool)
+    if reference is not None and reference.hists is not None and reference.colours is not None:
+        keep = (y == 1) | (a[:, -1] < SAME_COLOURS)
+    return Verifier(fit_head(a[keep], y[keep]), fit_head(b, y), THRESHOLD, reference, silhouette)
 
 
 @torch.no_grad()
