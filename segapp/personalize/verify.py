@@ -11,10 +11,9 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
   ``FEATURE_SIZE``: *appearance* (a coarse colour histogram, Lab mean and spread, the SAM image
   embedding averaged under the mask, mean-centred per image; with a reference, the best
   histogram intersection with a shot's and the share of pixels in the shots' colours) and
-  *form* (rotation- and
-  scale-invariant shape descriptors, relative area, and how much of the object's colours
-  continue in a thin ring just outside the mask, which tells a whole object from a piece of a
-  larger one);
+  *form* (rotation- and scale-invariant shape descriptors, relative area, and how much of
+  the object's colours continue in a thin ring just outside the mask, which tells a whole
+  object from a piece of a larger one);
 - **the shots as reference** (``Reference``, from the shots' own masks): for each form feature
   its distance to the nearest shot's value, and the best IoU of the candidate's silhouette with
   a shot's, both brought to a common centre and size and the shot turned through 24 angles and
@@ -37,8 +36,8 @@ look-alike). So a LoRA fit also fits a verifier, and predict lets it choose:
 - **the appearance head leaves out the negatives in the shots' colours** (``SAME_COLOURS``):
   taught those, it learnt the one shot's outline through the SAM embedding and rejected the
   object itself in new scenes (a green arrow's 1-shot matches scored 0.27-0.66 on appearance,
-  0.83-0.98 on form and silhouette); with the colour likeness added, seed 0's 1-shot mIoU
-  went from 0.77 to 0.94 on seed 0 (captured fits; README);
+  0.83-0.98 on form and silhouette); with the colour likeness added, 1-shot mIoU on seed 0
+  went from 0.77 to 0.94 (captured fits; README);
 - **a fixed threshold** (``THRESHOLD``): the lowest of 0.5-0.7 in steps of 0.05 with no
   false positive on ``--seed 1`` for the bundled base (README). Calibrating it per
   concept on held-out fitting scenes (the 90th percentile of their best candidate's score)
