@@ -352,6 +352,24 @@ def test_fit_while_serving_leaves_served_model_alone(bundle, fitted, shots, tmp_
     assert all(np.array_equal(p, q) for p, q in zip(_masks(after), _masks(before), strict=True))
 
 
+def test_a_fit_is_reproducible_and_leaves_the_global_generator_alone(bundle, shots, tmp_path):
+    """The same shots and config give the same adapter, whatever drew from torch's global
+    generator before; the caller's generator state is left as it was."""
+    from safetensors.torch import load_file
+
+    images, masks = zip(*shots["a"], strict=True)
+    store = ConceptStore(tmp_path)
+    weights = []
+    for name, draws in (("one", 0), ("two", 7)):
+        torch.rand(draws)  # an earlier caller's use of the global generator
+        state = torch.random.get_rng_state()
+        info = fit_concept(bundle, store, "dana", name, images, masks, config=QUICK)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        weights.append(load_file(str(Path(info.path) / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_cli_batch_with_user(tmp_path, shots, write_image):
     image, mask = shots["a"][0]
     img = write_image(tmp_path / "in" / "a.png", image)

@@ -205,9 +205,28 @@ def fit_lora(
     progress: Progress,
     out: Path,
 ) -> dict[str, float]:
-    """Train an adapter on a private copy of the model and save it into ``out``."""
-    slot = concept_slot(bundle)
+    """Train an adapter on a private copy of the model and save it into ``out``.
+
+    Seeded from ``fc.seed`` throughout (the adapter's initial weights come from torch's
+    global generator, forked here so the caller's stream is left as it was): the same shots
+    and config give the same adapter, whatever ran before."""
     model = base_copy(bundle.model)  # the served model (maybe with adapters) stays as is
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(fc.seed)
+        return _fit_lora(bundle, model, name, shots, fc, progress, out)
+
+
+def _fit_lora(
+    bundle: Bundle,
+    model: SegLLM,
+    name: str,
+    shots: list[tuple[np.ndarray, np.ndarray]],
+    fc: FitConfig,
+    progress: Progress,
+    out: Path,
+) -> dict[str, float]:
+    slot = concept_slot(bundle)
     peft = _plain(model, slot, fc)
     if fc.color_init:
         _init_concept_row(model, bundle, shots)
