@@ -205,27 +205,8 @@ def fit_lora(
     progress: Progress,
     out: Path,
 ) -> dict[str, float]:
-    """Train an adapter on a private copy of the model and save it into ``out``.
-
-    Seeded from ``fc.seed`` throughout (the adapter's initial weights come from torch's
-    global generator, forked here so the caller's stream is left as it was): the same shots
-    and config give the same adapter, whatever ran before."""
+    """Train an adapter on a private copy of the model and save it into ``out``."""
     model = base_copy(bundle.model)  # the served model (maybe with adapters) stays as is
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(fc.seed)
-        return _fit_lora(bundle, model, name, shots, fc, progress, out)
-
-
-def _fit_lora(
-    bundle: Bundle,
-    model: SegLLM,
-    name: str,
-    shots: list[tuple[np.ndarray, np.ndarray]],
-    fc: FitConfig,
-    progress: Progress,
-    out: Path,
-) -> dict[str, float]:
     slot = concept_slot(bundle)
     peft = _plain(model, slot, fc)
     if fc.color_init:
@@ -360,7 +341,13 @@ def fit_concept(
 
     def write(directory: Path) -> None:
         if method == "lora":
-            holder["m"] = fit_lora(bundle, name, shots, fc, report, directory)
+            # seeded: peft draws the adapter's initial weights from torch's global generator,
+            # forked here so the same shots give the same adapter whatever ran before, and
+            # the caller's generator is left as it was
+            cuda = [bundle.model.device] if bundle.model.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(fc.seed)
+                holder["m"] = fit_lora(bundle, name, shots, fc, report, directory)
         else:
             from segapp.personalize.persam import fit_persam
 
