@@ -14,7 +14,7 @@ from segapp.build import load_model
 from segapp.personalize import ConceptStore, PersonalSegmenter, fit_concept
 from segapp.personalize.concepts import NOVEL_SHAPES, concept_scene, sample_concepts
 from segapp.personalize.fit import FitConfig
-from segapp.personalize.reference import Reference, colour_bins, shot_colours, shot_hists
+from segapp.personalize.reference import COLOUR_BINS, Reference, colour_bins, shot_colours
 from segapp.personalize.segmenter import NOT_FOUND
 from segapp.personalize.verify import (
     FEATURE_SIZE,
@@ -214,10 +214,9 @@ def test_likeness_tells_the_shots_colours_and_the_appearance_head_leaves_their_w
         [tee, two, bolt, other], [(200, 30, 30), (30, 30, 200), (200, 30, 30), (40, 200, 40)]
     )
     shots = torch.from_numpy(tee[None])
-    forms = _features(thumb, [tee])[1]
-    reference = Reference(
-        shots, forms, shot_colours(thumb[None], shots), shot_hists(thumb[None], shots)
-    )
+    appearance, forms = _features(thumb, [tee])
+    hists = appearance[:, :COLOUR_BINS]
+    reference = Reference(shots, forms, shot_colours(thumb[None], shots), hists)
     a = _features(thumb, [tee, bolt, other])[0]
     a_ref = mask_features(
         thumb, EMBEDDING, torch.from_numpy(np.stack([tee, bolt, other])), reference

@@ -206,8 +206,8 @@ def fit_lora(
     out: Path,
 ) -> dict[str, float]:
     """Train an adapter on a private copy of the model and save it into ``out``."""
-    model = base_copy(bundle.model)  # the served model (maybe with adapters) stays as is
     slot = concept_slot(bundle)
+    model = base_copy(bundle.model)  # the served model (maybe with adapters) stays as is
     peft = _plain(model, slot, fc)
     if fc.color_init:
         _init_concept_row(model, bundle, shots)

@@ -13,7 +13,7 @@ from segapp.build import Bundle
 from segapp.data.batches import deepest_point, patch_cover
 from segapp.modeling.segllm import SegLLM
 from segapp.personalize.concepts import augment, cutout
-from segapp.personalize.reference import Reference, shot_colours, shot_hists
+from segapp.personalize.reference import COLOUR_BINS, Reference, shot_colours
 from segapp.personalize.verify import (
     Verifier,
     fit_verifier,
@@ -95,14 +95,14 @@ def fit_pool_verifier(model: SegLLM, pool: Pool, scenes: int) -> Verifier:
     (the shots themselves included), with the fitted adapter's mask decoder."""
     pick = np.linspace(0, len(pool.positive) - 1, min(scenes, len(pool.positive))).round()
     shots = torch.stack([_target(pool, i) for i in range(pool.shots)])
-    forms = [
-        mask_features(pool.thumbs[i], pool.sam[i : i + 1], shots[i : i + 1])[1]
+    own = [
+        mask_features(pool.thumbs[i], pool.sam[i : i + 1], shots[i : i + 1])
         for i in range(pool.shots)
     ]
-    thumbs = pool.thumbs[: pool.shots]
-    reference = Reference(
-        shots, torch.cat(forms), shot_colours(thumbs, shots), shot_hists(thumbs, shots)
-    )
+    forms = torch.cat([form for _, form in own])
+    hists = torch.cat([appearance[:, :COLOUR_BINS] for appearance, _ in own])  # see mask_features
+    colours = shot_colours(pool.thumbs[: pool.shots], shots)
+    reference = Reference(shots, forms, colours, hists)
     found = []
     for i in sorted({int(v) for v in pick}):
         target = _target(pool, i) if bool(pool.positive[i]) else None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from segapp.personalize.concepts import JITTER_HUE, JITTER_VALUE
 
 HIST_LEVELS = 4  # per RGB channel: 64 colour bins
+COLOUR_BINS = HIST_LEVELS**3  # the histogram that opens mask_features' appearance
 MATCH_SIZE = 32  # side of the common frame silhouettes are compared in
 MATCH_TURNS = 24  # rotations of each shot's silhouette tried (x 2 mirrored)
 MATCH_SPAN = 1.5  # the common frame's half-side, in sqrt(object area)
@@ -22,7 +23,7 @@ MATCH_SPAN = 1.5  # the common frame's half-side, in sqrt(object area)
 def colour_bins(thumb: torch.Tensor) -> torch.Tensor:
     """F*F x 64 one-hot colour bin of every pixel."""
     q = (thumb.flatten(1).T / 256 * HIST_LEVELS).long().clamp(0, HIST_LEVELS - 1)
-    return F.one_hot(bin_index(q[:, 0], q[:, 1], q[:, 2]), HIST_LEVELS**3).float()
+    return F.one_hot(bin_index(q[:, 0], q[:, 1], q[:, 2]), COLOUR_BINS).float()
 
 
 def bin_index(r: Any, g: Any, b: Any) -> Any:
@@ -65,7 +66,7 @@ def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05)
     copy loses that part of itself when snapped, which blurs what its silhouette teaches.
 
     thumbs: K x 3 x F x F RGB; masks: K x F x F bool."""
-    found = torch.zeros(HIST_LEVELS**3, dtype=torch.bool)
+    found = torch.zeros(COLOUR_BINS, dtype=torch.bool)
     for hue in (-JITTER_HUE, 0.0, JITTER_HUE):
         for value in (1 - JITTER_VALUE, 1.0, 1 + JITTER_VALUE):
             counts = sum(
@@ -75,14 +76,6 @@ def shot_colours(thumbs: torch.Tensor, masks: torch.Tensor, share: float = 0.05)
             assert isinstance(counts, torch.Tensor)
             found |= counts / counts.sum().clamp(min=1) >= share
     return found
-
-
-def shot_hists(thumbs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """K x 64: the colour histogram of each shot's object (thumbs K x 3 x F x F RGB, masks
-    K x F x F bool)."""
-    flat = masks.float().flatten(1)
-    counts = torch.stack([m @ colour_bins(t) for t, m in zip(thumbs, flat, strict=True)])
-    return counts / flat.sum(1, keepdim=True).clamp(min=1)
 
 
 def _jitter(thumb: torch.Tensor, hue: float, value: float) -> torch.Tensor:
@@ -104,7 +97,7 @@ class Reference:
     masks: torch.Tensor
     forms: torch.Tensor  # K x B
     colours: torch.Tensor | None = None  # 64 bools: colour bins the shots are made of
-    hists: torch.Tensor | None = None  # K x 64: each shot's colour histogram (shot_hists)
+    hists: torch.Tensor | None = None  # K x 64: each shot's colour histogram
 
     def __post_init__(self) -> None:
         self.templates = silhouettes(self.masks, MATCH_TURNS, mirror=True).flatten(0, 1)
