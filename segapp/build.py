@@ -23,7 +23,7 @@ from segapp.config import (
     MODEL_PRESETS,
     SEGAPP_FORMATS,
     ModelConfig,
-    valid_no_target_threshold,
+    valid_threshold,
 )
 from segapp.errors import ModelError
 from segapp.modeling.builders import (
@@ -81,6 +81,12 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
     )
     if video_pointer is not None:
         init_weights_(video_pointer)
+    if not valid_threshold(cfg.target_threshold):
+        raise ModelError(
+            f"target_threshold must be in (0, 1], got {cfg.target_threshold}",
+            "ModelConfig.target_threshold",
+        )
+    target_head = torch.nn.Linear(cfg.llm_hidden, 1) if cfg.target_head else None
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
     no_target_ids = _no_target_ids(cfg, chat)
     return SegLLM(
@@ -92,6 +98,8 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         image_pos=image_pos,
         seg_pointer=pointer,
         video_seg_pointer=video_pointer,
+        target_head=target_head,
+        target_threshold=cfg.target_threshold,
         image_token_id=chat.image_id,
         seg_token_id=chat.seg_id,
         eos_token_id=chat.eos_id,
@@ -105,7 +113,7 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
 
 def _no_target_ids(cfg: ModelConfig, chat: ChatFormat) -> tuple[int, ...]:
     """First token of each of `cfg.no_target_openings` as this model's answers spell it."""
-    if not valid_no_target_threshold(cfg.no_target_threshold):
+    if not valid_threshold(cfg.no_target_threshold):
         raise ModelError(
             f"no_target_threshold must be in (0, 1], got {cfg.no_target_threshold}",
             "ModelConfig.no_target_threshold",

@@ -104,7 +104,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from segapp.build import LoadOptions, load_model
-    from segapp.config import valid_no_target_threshold
+    from segapp.config import valid_threshold
     from segapp.evaluate import evaluate_reason
 
     device, options = pick_device(args.device), load_options(args)
@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.no_target_threshold is not None:  # e.g. to choose it on --split val
         threshold = args.no_target_threshold
-        if not valid_no_target_threshold(threshold):
+        if not valid_threshold(threshold):
             raise InputError(f"--no-target-threshold must be in (0, 1], got {threshold}", "eval")
         bundle = bundle or load_model(args.model, device=device)
         if not bundle.model.no_target_ids:
@@ -123,6 +123,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "--no-target-threshold",
             )
         bundle.model.no_target_threshold = threshold
+    if args.target_threshold is not None:  # e.g. to choose it on --split val
+        if not valid_threshold(args.target_threshold):
+            raise InputError(
+                f"--target-threshold must be in (0, 1], got {args.target_threshold}", "eval"
+            )
+        bundle = bundle or load_model(args.model, device=device)
+        if bundle.model.target_head is None:
+            raise InputError(
+                f"model {args.model!r} has no target head, so --target-threshold has nothing "
+                "to act on",
+                "--target-threshold",
+            )
+        bundle.model.target_threshold = args.target_threshold
     if args.token_keep < 1.0:
         from segapp.token_reduction import evaluate_reduced
 
@@ -271,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="probability the first tokens of a no-target answer need to open it (default: "
         "the model's config.json; 0.5 is about greedy decoding)",
+    )
+    r.add_argument(
+        "--target-threshold",
+        type=float,
+        help="target-head probability at which a multi-target answer adds the object on an "
+        "image token (default: the model's config.json)",
     )
     token_reduction_args(r)
     r.set_defaults(func=cmd_eval)

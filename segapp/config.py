@@ -68,6 +68,17 @@ class ModelConfig:
         "segments the whole group, and the predictor splits it into its connected components "
         "to find the targets the per-target [SEG]s missed",
     )
+    target_head: bool = _f(
+        False,
+        "a linear head on the image tokens' last-layer hidden states saying which tokens lie on "
+        "what the instruction asks for (trained by --target-weight); a multi-target answer "
+        "adds the objects it marks that none of the answer's [SEG] masks covers",
+    )
+    target_threshold: float = _f(
+        0.7,
+        "probability the target head needs on an image token before a multi-target answer "
+        "adds the object there",
+    )
     vision_stem: str = _f(
         "patch",
         "vision tower input layer: 'patch' (CLIP's one strided convolution, as in published "
@@ -143,8 +154,9 @@ class ModelConfig:
         return cls(**data)
 
 
-def valid_no_target_threshold(value: float) -> bool:
-    """A probability the no-target openings can reach: in (0, 1]."""
+def valid_threshold(value: float) -> bool:
+    """A probability threshold that can be reached (no_target_threshold, target_threshold):
+    in (0, 1]."""
     return 0.0 < value <= 1.0
 
 
@@ -167,6 +179,8 @@ CHECKPOINT_ONLY_FIELDS = (
     "prefix_attention",
     "video_seg_pointer",
     "multi_group",
+    "target_head",
+    "target_threshold",
     "no_target_openings",
     "no_target_threshold",
 )
@@ -208,7 +222,9 @@ class TrainConfig:
         "reordered (shape learnt apart from colour; 0 = off)",
     )
     target_weight: float = _f(
-        0.0, "BCE of a training-only head marking the image tokens on a query's targets"
+        0.0,
+        "BCE of a head marking the image tokens on a query's targets; saved with the model "
+        "(ModelConfig.target_head), where it completes multi-target answers",
     )
     token_probe: float = _f(
         0.0,

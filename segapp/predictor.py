@@ -7,6 +7,7 @@ numpy / PIL in and out; batched torch underneath. The cache of the current image
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 
 from segapp.build import Bundle, load_model
-from segapp.data.answers import is_group_answer
+from segapp.data.answers import group_noun, is_group_answer
 from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
 from segapp.modeling.generation import Generation
 from segapp.preprocess import postprocess_logits, sam_tensor, sam_thumbnail, vision_tensor
+from segapp.targets import complete_targets, marked_prompts
 from segapp.tokenizer import SEG_TOKEN
 
 _LEAD = re.compile(
@@ -280,7 +282,48 @@ class Segmenter:
                     for lab, s, m in zip(labels[1:], scores[1:], binary[1:], strict=True)
                 ],
             )
-        return [MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)]
+        named = [MaskResult(lab, s, m) for lab, s, m in zip(labels, scores, binary, strict=True)]
+        if len(named) >= 2 and self.model.target_head is not None:
+            return self._with_marked(named, low, answer, gen, cache)
+        return named
+
+    def _with_marked(
+        self,
+        named: list[MaskResult],
+        named_low: torch.Tensor,
+        answer: str,
+        gen: Generation,
+        cache: ImageCache,
+    ) -> list[MaskResult]:
+        """A multi-target answer's masks completed from the target head (segapp/targets.py):
+        repeats dropped, the marked objects no `[SEG]` mask covers added ("circles 3").
+        Decided on SAM's low-res masks, so only the added ones are resized to the image."""
+        prompts, _ = marked_prompts(self.model, gen)
+        low = named_low[:0]
+        iou = named_low.new_zeros(0, 1)
+        if len(prompts):
+            low, iou = self.model.decode_masks(cache.sam_embedding, prompts)
+        # the image's part of SAM's padded low-res frame
+        scale = named_low.shape[-1] / self.model.sam.image_encoder.img_size
+        frame = [math.ceil(side * scale) for side in cache.sam_input_size]
+        kept, added = complete_targets(
+            list((named_low[:, 0, : frame[0], : frame[1]] > 0).cpu().numpy()),
+            list((low[:, 0, : frame[0], : frame[1]] > 0).cpu().numpy()),
+        )
+        masks = [named[i] for i in kept]
+        if not added:
+            return masks
+        logits = postprocess_logits(
+            low[added],
+            cache.sam_input_size,
+            cache.original_size,
+            self.model.sam.image_encoder.img_size,
+        )
+        noun = group_noun(answer) or "target"
+        added_scores = iou[added, 0].float().clamp(0, 1).tolist()
+        for mask, score in zip((logits > 0).cpu().numpy(), added_scores, strict=True):
+            masks.append(MaskResult(f"{noun} {len(masks) + 1}", score, mask))
+        return masks
 
     @torch.inference_mode()
     def predict(self, instruction: str) -> Result:

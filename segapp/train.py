@@ -7,6 +7,7 @@ as an auxiliary term so SAM's decoder stays anchored.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -144,6 +145,8 @@ def train(
     aux = AuxHeads(
         model_cfg, token_probe=token_probe, relation_probe=bool(train_cfg.relation_probe)
     ).to(device)
+    if model.target_head is not None:  # training on from weights with one: it goes on
+        aux.target.load_state_dict(model.target_head.state_dict())
     step = 0
     if resume and (ckpt / "state.json").exists():
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
@@ -273,6 +276,9 @@ def train(
     model.eval()
     if lora_r:
         model.llm = cast(Any, model.llm).merge_and_unload()
+    if train_cfg.target_weight:  # the target head completes multi-target answers (targets.py)
+        model.target_head = copy.deepcopy(aux.target).to(model.device).eval()
+        model_cfg = replace(model_cfg, target_head=True)
     if train_cfg.multi_order == "group_first":  # the predictor must know the first [SEG]
         model_cfg = replace(model_cfg, multi_group=True)
     if not model_cfg.no_target_openings:  # so a threshold in config.json can act on them

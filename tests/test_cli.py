@@ -268,3 +268,20 @@ def test_bad_no_target_threshold_is_one_line_exit_2(
     code = run([*argv, "--no-target-threshold", threshold])
     line = _assert_one_line_error(capsys.readouterr().err)
     assert code == 2 and message in line
+
+
+@pytest.mark.parametrize(
+    ("model", "threshold", "message"),
+    [
+        ("tiny", "0", "--target-threshold must be in"),
+        ("random", "0.5", "has no target head"),
+    ],
+)
+def test_bad_target_threshold_is_one_line_exit_2(
+    random_model_dir: Path, model: str, threshold: str, message: str, capsys
+) -> None:
+    model_arg = str(random_model_dir) if model == "random" else model
+    argv = ["eval", "reason", "--model", model_arg, "--limit", "1", "--quiet"]
+    code = run([*argv, "--target-threshold", threshold])
+    line = _assert_one_line_error(capsys.readouterr().err)
+    assert code == 2 and message in line

@@ -170,6 +170,8 @@ def test_every_decoding_path_opens_with_a_no_target_token_above_the_threshold(
         ({"no_target_threshold": 0.0}, "no_target_threshold must be in"),
         ({"no_target_threshold": 1.5}, "no_target_threshold must be in"),
         ({"no_target_openings": ["   "]}, "has no tokens"),
+        ({"target_threshold": 1.5}, "target_threshold must be in"),
+        ({"target_head": True}, "missing parameter target_head.weight"),
     ],
 )
 def test_bad_no_target_settings_are_named(model_copy: Path, changes: dict, message: str) -> None:
@@ -480,3 +482,26 @@ def test_group_masks_add_the_components_no_target_mask_covers() -> None:
     # targets that already cover every component: nothing is added
     found = [MaskResult("x", 0.8, a), MaskResult("y", 0.8, b), MaskResult("z", 0.8, c)]
     assert [m.label for m in group_masks(group, found)] == ["x", "y", "z"]
+
+
+def test_complete_targets_drops_repeats_and_adds_the_uncovered_marked_objects() -> None:
+    from segapp.targets import complete_targets
+
+    def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        m = np.zeros((100, 100), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    a, b, c = box(5, 25, 5, 25), box(5, 25, 60, 80), box(60, 90, 30, 60)
+    empty = np.zeros((100, 100), bool)
+    repeat = a & box(0, 100, 0, 20)  # IoU 0.75 with a
+    named = [a, repeat, empty, b]
+    inside_b = box(10, 20, 62, 78)  # half or more of it lies on b: a part of b, not a target
+    speck = box(95, 97, 95, 97)  # 4 px < 0.3% of the image
+    overlapping_c = c | box(60, 90, 60, 62)  # IoU > 0.5 with c, added first
+    marked = [inside_b, speck, c, overlapping_c, box(40, 55, 80, 95)]
+    kept, added = complete_targets(named, marked)
+    assert kept == [0, 3]
+    assert added == [2, 4]
+    # nothing marked: the named masks, repeats and empties dropped
+    assert complete_targets(named, []) == ([0, 3], [])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from segapp.build import load_bundle
 from segapp.config import MODEL_PRESETS, TrainConfig
@@ -429,3 +430,42 @@ def test_relation_probe_labels_how_each_object_relates_to_its_scene() -> None:
     on["relation"].backward()  # it trains the vision tower, which sees the whole scene
     grads = [p.grad for p in model.vision_tower.parameters() if p.grad is not None]
     assert grads and float(sum(g.abs().sum() for g in grads)) > 0
+
+
+def test_the_target_head_is_saved_with_the_model_only_when_trained(tmp_path: Path) -> None:
+    small = TrainConfig(
+        steps=2,
+        sam_warmup_steps=1,
+        images_per_batch=2,
+        queries_per_image=1,
+        workers=0,
+        checkpoint_every=1000,
+        threads=THREADS,
+        warmup=1,
+    )
+    train(
+        tmp_path / "marked",
+        model_cfg=TINY,
+        train_cfg=small.replace(target_weight=1.0),
+        progress=False,
+    )
+    bundle = load_bundle(tmp_path / "marked")
+    assert bundle.config.target_head and bundle.model.target_head is not None
+    aux = load_file(str(tmp_path / "marked" / "checkpoint" / "aux.safetensors"))
+    torch.testing.assert_close(bundle.model.target_head.weight, aux["target.weight"])
+    torch.testing.assert_close(bundle.model.target_head.bias, aux["target.bias"])
+    # trained on from those weights, the head goes on from the saved one
+    train(
+        tmp_path / "more",
+        model_cfg=bundle.config,
+        init_from=bundle,
+        train_cfg=small.replace(target_weight=1.0, steps=1, lr=1e-9),
+        progress=False,
+    )
+    more = load_bundle(tmp_path / "more").model.target_head
+    assert more is not None
+    torch.testing.assert_close(more.weight, aux["target.weight"], atol=1e-6, rtol=0)
+    # without the target loss there is no head to save
+    train(tmp_path / "plain", model_cfg=TINY, train_cfg=small, progress=False)
+    plain = load_bundle(tmp_path / "plain")
+    assert not plain.config.target_head and plain.model.target_head is None

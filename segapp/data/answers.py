@@ -123,6 +123,13 @@ def group_first(answer: str) -> str:
     return f"The {m[2]} {SEG}: {m[3]}."
 
 
+def group_noun(answer: str) -> str:
+    """The group a count-first multi-target answer names ("There are two circles: ..." ->
+    "circles"); empty for any other answer."""
+    m = _COUNT_FIRST.match(answer)
+    return m[2] if m else ""
+
+
 def is_group_answer(answer: str) -> bool:
     """Whether `answer` has the `group_first` layout (its first `[SEG]` is the group's)."""
     return answer.count(SEG) >= 2 and bool(_GROUP.match(answer))

@@ -38,6 +38,8 @@ class SegLLM(nn.Module):
         image_pos: nn.Module | None = None,
         seg_pointer: SegPointer | None = None,
         video_seg_pointer: SegPointer | None = None,
+        target_head: nn.Module | None = None,
+        target_threshold: float = 0.7,
         image_token_id: int,
         seg_token_id: int,
         eos_token_id: int,
@@ -56,6 +58,10 @@ class SegLLM(nn.Module):
         self.image_pos = image_pos
         self.seg_pointer = seg_pointer
         self.video_seg_pointer = video_seg_pointer  # None: video uses seg_pointer
+        # image token hidden state -> logit that the token lies on what the instruction asks
+        # for; a multi-target answer adds the objects it marks (segapp/targets.py)
+        self.target_head = target_head
+        self.target_threshold = target_threshold
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.eos_token_id = eos_token_id
