@@ -226,6 +226,12 @@ class TrainConfig:
         "BCE of a head marking the image tokens on a query's targets; saved with the model "
         "(ModelConfig.target_head), where it completes multi-target answers",
     )
+    target_marks: str = _f(
+        "half",
+        "the target head's positives: 'half' (image tokens a target covers by half or more) "
+        "or 'every' (also each target's most-covered token; other partly covered tokens are "
+        "left out of the loss)",
+    )
     token_probe: float = _f(
         0.0,
         "weight of the object probe on the image tokens the LLM reads (projector output), so "

@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seed",
             "video_fraction",
             "target_weight",
+            "target_marks",
             "token_probe",
             "dense_probe",
             "relation_probe",
@@ -204,8 +205,14 @@ def add_train_command(sub: Any) -> None:
     t.add_argument(
         "--target-weight",
         type=float,
-        help="weight of a training-only loss marking the image tokens on each query's targets "
-        "(default 0)",
+        help="weight of a loss marking the image tokens on each query's targets (default 0); "
+        "the head is saved with the model and completes multi-target answers",
+    )
+    t.add_argument(
+        "--target-marks",
+        choices=["half", "every"],
+        help="the target head's positive tokens: those a target covers by half ('half', the "
+        "default) or also each target's most-covered token ('every')",
     )
     t.add_argument(
         "--token-probe",

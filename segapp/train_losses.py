@@ -170,19 +170,35 @@ def relation_loss(
 
 
 def target_loss(
-    head: torch.nn.Module, image_hidden: torch.Tensor, batch: TrainBatch
+    head: torch.nn.Module, image_hidden: torch.Tensor, batch: TrainBatch, *, marks: str = "half"
 ) -> torch.Tensor:
-    """BCE of a training-only head saying, for every image token of every query, whether the
+    """BCE of the target head saying, for every image token of every query, whether the
     token lies on one of the query's targets (all tokens are negatives for a no-target
     query). Unlike the pointer's softmax, which only ranks tokens, this asks for an absolute
     "this matches the instruction", which the answer's first token needs to say there is none.
 
-    image_hidden: Q x N x H last-layer hidden states of the image tokens.
+    image_hidden: Q x N x H last-layer hidden states of the image tokens. `marks`: which
+    tokens are positives: "half", those the targets cover by half or more; "every", also each
+    target's most-covered token, so a target too small to cover any token by half is marked
+    too (the predictor adds the objects the head marks to a multi-target answer, and with
+    "half" it never marked those), and the other tokens a target partly covers are left out.
     """
     cover = image_hidden.new_zeros(image_hidden.shape[:2])
     if len(batch.seg_query):
         cover = cover.index_add(0, batch.seg_query, batch.seg_cover.to(cover.dtype))
-    return target_bce(head, image_hidden, cover)
+    if marks == "half":
+        return target_bce(head, image_hidden, cover)
+    if marks != "every":
+        raise ValueError(f"unknown target marks {marks!r}; expected 'half' or 'every'")
+    positive = cover >= 0.5
+    if len(batch.seg_query):
+        best = batch.seg_cover.argmax(-1)
+        covered = batch.seg_cover.amax(-1) > 0
+        positive[batch.seg_query[covered], best[covered]] = True
+    weight = (positive | (cover <= 0)).to(cover.dtype)
+    logits = head(image_hidden)[..., 0]
+    loss = F.binary_cross_entropy_with_logits(logits, positive.to(logits.dtype), reduction="none")
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def target_bce(
@@ -307,7 +323,7 @@ def forward_losses(
     slots = batch.input_ids == model.image_token_id
     all_image_hidden = last[slots].reshape(last.shape[0], -1, last.shape[-1])
     if w.target_weight:
-        terms["target"] = target_loss(aux.target, all_image_hidden, batch)
+        terms["target"] = target_loss(aux.target, all_image_hidden, batch, marks=w.target_marks)
         total = total + w.target_weight * terms["target"]
     if hidden.shape[0]:
         image_hidden = all_image_hidden[batch.seg_query]

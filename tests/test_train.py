@@ -149,6 +149,36 @@ def test_target_loss_marks_target_tokens_and_no_target_queries_are_all_negative(
     assert float(target_loss(head, wrong, batch).detach()) > 1.0  # type: ignore[arg-type]
 
 
+def test_target_marks_every_marks_each_small_targets_best_token() -> None:
+    from types import SimpleNamespace
+
+    from segapp.train_losses import target_loss
+
+    head = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.bias.zero_()
+    # one query, two targets: a large one on token 0 (and a sliver of token 1), a small one
+    # that covers token 2 by 0.3 at most (and token 3 by 0.1); token 4 is background
+    cover = torch.tensor([[0.9, 0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.3, 0.1, 0.0]])
+    batch = SimpleNamespace(seg_query=torch.tensor([0, 0]), seg_cover=cover)
+
+    def hidden(*logits: float) -> torch.Tensor:
+        return torch.tensor([[[v, 0.0] for v in logits]])
+
+    # the small target's best token marked, partly covered tokens either way: ~0 under "every"
+    marked = hidden(10, 10, 10, -10, -10)
+    assert float(target_loss(head, marked, batch, marks="every").detach()) < 1e-3  # type: ignore[arg-type]
+    assert float(target_loss(head, hidden(10, -10, 10, 10, -10), batch, marks="every")) < 1e-3  # type: ignore[arg-type]
+    # "half" wants the small target's token negative; "every" wants it positive
+    unmarked = hidden(10, -10, -10, -10, -10)
+    assert float(target_loss(head, unmarked, batch).detach()) < 1e-3  # type: ignore[arg-type]
+    assert float(target_loss(head, unmarked, batch, marks="every").detach()) > 1.0  # type: ignore[arg-type]
+    assert float(target_loss(head, marked, batch).detach()) > 1.0  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown target marks"):
+        target_loss(head, marked, batch, marks="all")  # type: ignore[arg-type]
+
+
 def test_text_first_model_trains_further_as_segapp_weights(
     tokenizer, tmp_path: Path, capsys
 ) -> None:
