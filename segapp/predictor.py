@@ -49,7 +49,8 @@ class MaskResult:
 
 @dataclass
 class Result:
-    """What one instruction produced: the answer text and one mask per `[SEG]` in it."""
+    """What one instruction produced: the answer text and one mask per target (per `[SEG]`,
+    except that a multi-target answer may drop repeats and add objects: segapp/targets.py)."""
 
     instruction: str
     answer: str
@@ -260,7 +261,9 @@ class Segmenter:
 
     def _masks(self, answer: str, gen: Generation, cache: ImageCache) -> list[MaskResult]:
         """One mask per target `[SEG]` hidden state, at the original image size (a group
-        `[SEG]`'s mask adds the targets the others missed: `group_masks`)."""
+        `[SEG]`'s mask adds the targets the others missed: `group_masks`; with a target head,
+        a multi-target answer's repeats are dropped and the marked objects added:
+        `_with_marked`)."""
         if not len(gen.seg_hidden):
             return []
         group = self.bundle.config.multi_group and is_group_answer(answer)
@@ -327,7 +330,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(self, instruction: str) -> Result:
-        """Answer `instruction` about the current image; one mask per `[SEG]` in the answer."""
+        """Answer `instruction` about the current image; one mask per `[SEG]` in the answer
+        (a multi-target answer completed by the target head, `_masks`)."""
         if self.cache is None:
             raise InputError("no image set: call set_image(image) before predict()", "Segmenter")
         text, prompt = self.prompt_ids(instruction)

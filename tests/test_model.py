@@ -505,3 +505,32 @@ def test_complete_targets_drops_repeats_and_adds_the_uncovered_marked_objects() 
     assert added == [2, 4]
     # nothing marked: the named masks, repeats and empties dropped
     assert complete_targets(named, []) == ([0, 3], [])
+
+
+def test_marked_prompts_point_at_the_marked_tokens_most_probable_first(
+    random_model_dir: Path,
+) -> None:
+    from segapp.modeling.generation import Generation
+    from segapp.targets import marked_prompts, target_probs
+
+    model = load_bundle(random_model_dir).model
+    torch.manual_seed(0)
+    width, n = model.llm.config.hidden_size, model.image_grid_tokens
+    gen = Generation([], torch.randn(2, width), 0, image_hidden=torch.randn(n, width))
+    assert target_probs(model, gen) is None  # no head: nothing is marked
+    assert len(marked_prompts(model, gen)[0]) == 0
+    model.target_head = torch.nn.Linear(width, 1)
+    model.target_threshold = 0.5
+    with torch.inference_mode():
+        probs = target_probs(model, gen)
+        prompts, kept = marked_prompts(model, gen)
+    assert probs is not None and 0 < len(kept) < n
+    assert len(prompts) == len(kept) == int((probs >= 0.5).sum())
+    assert torch.all(kept[:-1] >= kept[1:]) and float(kept.min()) >= 0.5
+    tokens = [int((probs == p).nonzero()[0, 0]) for p in kept]
+    centres = model.patch_centres(n, model.vision_size)[tokens]
+    torch.testing.assert_close(prompts[:, 1:2], model.point_token(centres))
+    # each prompt carries the [SEG] whose pointer scores its token highest
+    assert model.seg_pointer is not None
+    best = model.seg_pointer.scores(gen.seg_hidden, gen.image_hidden).argmax(0)[tokens]
+    torch.testing.assert_close(prompts[:, 0], model.text_hidden_fcs(gen.seg_hidden[best]))
