@@ -24,7 +24,7 @@ from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
 from segapp.modeling.generation import Generation
 from segapp.preprocess import postprocess_logits, sam_tensor, sam_thumbnail, vision_tensor
-from segapp.targets import complete_targets, marked_prompts
+from segapp.targets import binary_iou, complete_targets, marked_prompts
 from segapp.tokenizer import SEG_TOKEN
 
 _LEAD = re.compile(
@@ -128,7 +128,7 @@ def group_masks(
     kept: list[MaskResult] = []
     for t in targets:
         area = t.mask.sum()
-        if area and all(_iou(t.mask, k.mask) <= 0.5 for k in kept):
+        if area and all(binary_iou(t.mask, k.mask) <= 0.5 for k in kept):
             kept.append(t)
     h, w = group.mask.shape
     n, comp = cv2.connectedComponents(group.mask.astype(np.uint8), connectivity=8)
@@ -141,11 +141,6 @@ def group_masks(
             continue
         kept.append(MaskResult(f"{group.label} {len(kept) + 1}", group.score, part))
     return kept
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 0.0
 
 
 class Segmenter:

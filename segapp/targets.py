@@ -68,7 +68,7 @@ def complete_targets(
     kept: list[np.ndarray] = []
     kept_named: list[int] = []
     for i, mask in enumerate(named):
-        if mask.any() and all(_iou(mask, k) <= 0.5 for k in kept):
+        if mask.any() and all(binary_iou(mask, k) <= 0.5 for k in kept):
             kept.append(mask)
             kept_named.append(i)
     added: list[int] = []
@@ -76,13 +76,14 @@ def complete_targets(
         area = int(mask.sum())
         if area < min_area * mask.size:
             continue
-        if any(int((mask & k).sum()) >= 0.5 * area or _iou(mask, k) > 0.5 for k in kept):
+        if any(int((mask & k).sum()) >= 0.5 * area or binary_iou(mask, k) > 0.5 for k in kept):
             continue
         kept.append(mask)
         added.append(i)
     return kept_named, added
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def binary_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two H x W bool masks (0 when both are empty)."""
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 0.0
