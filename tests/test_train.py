@@ -169,7 +169,9 @@ def test_target_marks_every_marks_each_small_targets_best_token() -> None:
     # the small target's best token marked, partly covered tokens either way: ~0 under "every"
     marked = hidden(10, 10, 10, -10, -10)
     assert float(target_loss(head, marked, batch, marks="every").detach()) < 1e-3  # type: ignore[arg-type]
-    assert float(target_loss(head, hidden(10, -10, 10, 10, -10), batch, marks="every")) < 1e-3  # type: ignore[arg-type]
+    assert (
+        float(target_loss(head, hidden(10, -10, 10, 10, -10), batch, marks="every").detach()) < 1e-3
+    )  # type: ignore[arg-type]
     # "half" wants the small target's token negative; "every" wants it positive
     unmarked = hidden(10, -10, -10, -10, -10)
     assert float(target_loss(head, unmarked, batch).detach()) < 1e-3  # type: ignore[arg-type]
