@@ -254,34 +254,19 @@ def test_real_process_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "threshold", "message"),
+    ("flag", "model", "threshold", "message"),
     [
-        ("tiny", "1.5", "--no-target-threshold must be in"),
-        ("random", "0.3", "names no no_target_openings"),
+        ("--no-target-threshold", "tiny", "1.5", "--no-target-threshold must be in"),
+        ("--no-target-threshold", "random", "0.3", "names no no_target_openings"),
+        ("--target-threshold", "tiny", "0", "--target-threshold must be in"),
+        ("--target-threshold", "random", "0.5", "has no target head"),
     ],
 )
-def test_bad_no_target_threshold_is_one_line_exit_2(
-    random_model_dir: Path, model: str, threshold: str, message: str, capsys
+def test_bad_eval_threshold_is_one_line_exit_2(
+    random_model_dir: Path, flag: str, model: str, threshold: str, message: str, capsys
 ) -> None:
     model_arg = str(random_model_dir) if model == "random" else model
     argv = ["eval", "reason", "--model", model_arg, "--limit", "1", "--quiet"]
-    code = run([*argv, "--no-target-threshold", threshold])
-    line = _assert_one_line_error(capsys.readouterr().err)
-    assert code == 2 and message in line
-
-
-@pytest.mark.parametrize(
-    ("model", "threshold", "message"),
-    [
-        ("tiny", "0", "--target-threshold must be in"),
-        ("random", "0.5", "has no target head"),
-    ],
-)
-def test_bad_target_threshold_is_one_line_exit_2(
-    random_model_dir: Path, model: str, threshold: str, message: str, capsys
-) -> None:
-    model_arg = str(random_model_dir) if model == "random" else model
-    argv = ["eval", "reason", "--model", model_arg, "--limit", "1", "--quiet"]
-    code = run([*argv, "--target-threshold", threshold])
+    code = run([*argv, flag, threshold])
     line = _assert_one_line_error(capsys.readouterr().err)
     assert code == 2 and message in line

@@ -462,19 +462,21 @@ def test_prefix_attention_trains_on_what_generation_computes(tokenizer) -> None:
             assert (moved > 1e-4) == prefix, (prefix, moved)
 
 
+def _box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """A 100 x 100 bool mask holding one rectangle."""
+    m = np.zeros((100, 100), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
 def test_group_masks_add_the_components_no_target_mask_covers() -> None:
     from segapp.predictor import MaskResult, group_masks
 
-    def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        m = np.zeros((100, 100), bool)
-        m[y0:y1, x0:x1] = True
-        return m
-
-    a, b, c = box(5, 25, 5, 25), box(5, 25, 60, 80), box(60, 90, 30, 60)
-    speck = box(95, 97, 95, 97)  # 4 px < 0.3% of the image: noise, not a target
+    a, b, c = _box(5, 25, 5, 25), _box(5, 25, 60, 80), _box(60, 90, 30, 60)
+    speck = _box(95, 97, 95, 97)  # 4 px < 0.3% of the image: noise, not a target
     group = MaskResult("circles", 0.9, a | b | c | speck)
     first = MaskResult("red one", 0.8, a)
-    repeat = MaskResult("red one", 0.7, a & box(0, 100, 0, 20))  # IoU 0.75 with the first
+    repeat = MaskResult("red one", 0.7, a & _box(0, 100, 0, 20))  # IoU 0.75 with the first
     out = group_masks(group, [first, repeat, MaskResult("empty", 0.5, np.zeros((100, 100), bool))])
     assert [m.label for m in out] == ["red one", "circles 2", "circles 3"]
     assert np.array_equal(out[1].mask, b) and np.array_equal(out[2].mask, c)
@@ -487,19 +489,14 @@ def test_group_masks_add_the_components_no_target_mask_covers() -> None:
 def test_complete_targets_drops_repeats_and_adds_the_uncovered_marked_objects() -> None:
     from segapp.targets import complete_targets
 
-    def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        m = np.zeros((100, 100), bool)
-        m[y0:y1, x0:x1] = True
-        return m
-
-    a, b, c = box(5, 25, 5, 25), box(5, 25, 60, 80), box(60, 90, 30, 60)
+    a, b, c = _box(5, 25, 5, 25), _box(5, 25, 60, 80), _box(60, 90, 30, 60)
     empty = np.zeros((100, 100), bool)
-    repeat = a & box(0, 100, 0, 20)  # IoU 0.75 with a
+    repeat = a & _box(0, 100, 0, 20)  # IoU 0.75 with a
     named = [a, repeat, empty, b]
-    inside_b = box(10, 20, 62, 78)  # half or more of it lies on b: a part of b, not a target
-    speck = box(95, 97, 95, 97)  # 4 px < 0.3% of the image
-    overlapping_c = c | box(60, 90, 60, 62)  # IoU > 0.5 with c, added first
-    marked = [inside_b, speck, c, overlapping_c, box(40, 55, 80, 95)]
+    inside_b = _box(10, 20, 62, 78)  # half or more of it lies on b: a part of b, not a target
+    speck = _box(95, 97, 95, 97)  # 4 px < 0.3% of the image
+    overlapping_c = c | _box(60, 90, 60, 62)  # IoU > 0.5 with c, added first
+    marked = [inside_b, speck, c, overlapping_c, _box(40, 55, 80, 95)]
     kept, added = complete_targets(named, marked)
     assert kept == [0, 3]
     assert added == [2, 4]

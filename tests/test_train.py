@@ -20,6 +20,17 @@ from segapp.train import train
 TINY = MODEL_PRESETS["tiny"]
 # one thread: the tests must not fight a busy machine (OpenMP barriers spin when cores are taken)
 THREADS = 1
+# a two-image, two-step run (two SAM warm-up steps): enough to write every output file
+SMALL = TrainConfig(
+    steps=2,
+    sam_warmup_steps=2,
+    images_per_batch=2,
+    queries_per_image=1,
+    workers=0,
+    checkpoint_every=1000,
+    threads=THREADS,
+    warmup=1,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -101,17 +112,7 @@ def test_losses_fall_and_output_loads(tmp_path: Path) -> None:
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    small = TrainConfig(
-        steps=2,
-        sam_warmup_steps=2,
-        images_per_batch=2,
-        queries_per_image=1,
-        log_every=1,
-        workers=0,
-        checkpoint_every=1000,
-        threads=THREADS,
-        warmup=1,
-    )
+    small = SMALL.replace(log_every=1)
     first: list[dict] = []
     train(out, model_cfg=TINY, train_cfg=small, progress=False, on_step=first.append)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
@@ -465,16 +466,7 @@ def test_relation_probe_labels_how_each_object_relates_to_its_scene() -> None:
 
 
 def test_the_target_head_is_saved_with_the_model_only_when_trained(tmp_path: Path) -> None:
-    small = TrainConfig(
-        steps=2,
-        sam_warmup_steps=1,
-        images_per_batch=2,
-        queries_per_image=1,
-        workers=0,
-        checkpoint_every=1000,
-        threads=THREADS,
-        warmup=1,
-    )
+    small = SMALL.replace(sam_warmup_steps=1)
     train(
         tmp_path / "marked",
         model_cfg=TINY,
