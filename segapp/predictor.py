@@ -24,7 +24,7 @@ from segapp.errors import InputError
 from segapp.images import check_instruction, to_rgb_array
 from segapp.modeling.generation import Generation
 from segapp.preprocess import postprocess_logits, sam_tensor, sam_thumbnail, vision_tensor
-from segapp.targets import binary_iou, complete_targets, marked_prompts
+from segapp.targets import complete_targets, marked_prompts
 from segapp.tokenizer import SEG_TOKEN
 
 _LEAD = re.compile(
@@ -125,22 +125,13 @@ def group_masks(
     four, while the group's union mask is at full resolution, where the synthetic test split's
     targets separate into the right number of components 92% of the time.
     """
-    kept: list[MaskResult] = []
-    for t in targets:
-        area = t.mask.sum()
-        if area and all(binary_iou(t.mask, k.mask) <= 0.5 for k in kept):
-            kept.append(t)
-    h, w = group.mask.shape
     n, comp = cv2.connectedComponents(group.mask.astype(np.uint8), connectivity=8)
-    for c in range(1, n):
-        part = comp == c
-        area = int(part.sum())
-        if area < min_area * h * w:
-            continue
-        if any((part & k.mask).sum() >= 0.5 * area for k in kept):
-            continue
-        kept.append(MaskResult(f"{group.label} {len(kept) + 1}", group.score, part))
-    return kept
+    parts = [comp == c for c in range(1, n)]
+    kept, added = complete_targets([t.mask for t in targets], parts, min_area=min_area)
+    masks = [targets[i] for i in kept]
+    for i in added:
+        masks.append(MaskResult(f"{group.label} {len(masks) + 1}", group.score, parts[i]))
+    return masks
 
 
 class Segmenter:

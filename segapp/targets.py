@@ -63,8 +63,9 @@ def complete_targets(
 ) -> tuple[list[int], list[int]]:
     """Which masks a multi-target answer returns: the indices of the `named` ([SEG]) masks
     kept (not empty, IoU <= 0.5 with every one kept before), then those of the `marked` masks
-    added (in the given order: at least `min_area` of the image, covered by less than half by
-    every mask kept so far and IoU <= 0.5 with each). Masks are H x W bool."""
+    added (in the given order: at least `min_area` of the image and covered by less than half
+    by every mask kept so far). Masks are H x W bool; `group_masks` uses the same rule for a
+    group mask's connected components."""
     kept: list[np.ndarray] = []
     kept_named: list[int] = []
     for i, mask in enumerate(named):
@@ -76,7 +77,7 @@ def complete_targets(
         area = int(mask.sum())
         if area < min_area * mask.size:
             continue
-        if any(int((mask & k).sum()) >= 0.5 * area or binary_iou(mask, k) > 0.5 for k in kept):
+        if any(int((mask & k).sum()) >= 0.5 * area for k in kept):  # (IoU > 0.5 implies it)
             continue
         kept.append(mask)
         added.append(i)
