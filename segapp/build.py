@@ -87,6 +87,16 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
             "ModelConfig.target_threshold",
         )
     target_head = torch.nn.Linear(cfg.llm_hidden, 1) if cfg.target_head else None
+    if not 0.0 <= cfg.video_presence < 1.0:
+        raise ModelError(
+            f"video_presence must be in [0, 1), got {cfg.video_presence}",
+            "ModelConfig.video_presence",
+        )
+    motion = (
+        torch.nn.Linear(cfg.llm_hidden, cfg.llm_hidden, bias=False) if cfg.video_motion else None
+    )
+    if motion is not None:  # zero: a fresh motion map leaves the tokens as they were
+        torch.nn.init.zeros_(motion.weight)
     chat = chat_format_for(cfg.chat_format, tokenizer, image_token_count(cfg))
     no_target_ids = _no_target_ids(cfg, chat)
     return SegLLM(
@@ -98,6 +108,8 @@ def build_segllm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> SegLLM
         image_pos=image_pos,
         seg_pointer=pointer,
         video_seg_pointer=video_pointer,
+        video_motion=motion,
+        video_presence=cfg.video_presence,
         target_head=target_head,
         target_threshold=cfg.target_threshold,
         image_token_id=chat.image_id,

@@ -22,7 +22,7 @@ from segapp.personalize.command import (
     add_personalize_command,
 )
 from segapp.serve_command import add_serve_bench, add_serve_commands
-from segapp.train_command import add_train_command
+from segapp.train_command import add_train_command, add_train_video_command
 from segapp.video.command import add_video_bench, add_video_command, add_video_eval
 
 if TYPE_CHECKING:
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_bench(bsub)  # `segapp bench serve`
 
     add_train_command(sub)  # `segapp train`
+    add_train_video_command(sub)  # `segapp train-video`
 
     d = sub.add_parser("data", help="synthetic datasets")
     dsub = d.add_subparsers(dest="action", required=True)

@@ -62,6 +62,18 @@ class ModelConfig:
         "scores every visual token of the LLM's frames, so where it points gives the point "
         "track and how much of it each frame holds says whether the target is there",
     )
+    video_motion: bool = _f(
+        False,
+        "video tokens also carry their motion: each LLM frame's token plus a learnt linear map "
+        "of how it differs from the same patch's mean over the LLM's frames (what moved, "
+        "changed colour, grew, appeared or went), before TTM; trained by `segapp train-video`",
+    )
+    video_presence: float = _f(
+        0.0,
+        "with a video pointer trained per token (`segapp train-video`): a frame keeps a "
+        "[SEG]'s mask only if the pointer gives its best token on that frame at least this "
+        "probability (the target is there); 0 = every frame keeps it",
+    )
     multi_group: bool = _f(
         False,
         "trained with `--multi-order group_first`: the first [SEG] of a multi-target answer "
@@ -178,6 +190,8 @@ CHECKPOINT_ONLY_FIELDS = (
     "projector_norm",
     "prefix_attention",
     "video_seg_pointer",
+    "video_motion",
+    "video_presence",
     "multi_group",
     "target_head",
     "target_threshold",

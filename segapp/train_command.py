@@ -6,6 +6,7 @@ Registered by segapp.cli with `add_train_command(sub)`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,6 @@ CHECKPOINT_TRAINABLE = "text_hidden_fcs,sam.mask_decoder,llm.model.embed_tokens,
 def _with_video_pointer(bundle: Bundle, width: int) -> Bundle:
     """`bundle` with a freshly initialised video `[SEG]` pointer of `width` (a model that
     already has one keeps it: its width must match)."""
-    import dataclasses
-
     from segapp.modeling.builders import init_weights_
     from segapp.modeling.pointer import SegPointer
 
@@ -309,3 +308,58 @@ def add_train_command(sub: Any) -> None:
         "--no-resume", action="store_true", help="start over even if a checkpoint exists"
     )
     t.set_defaults(func=cmd_train)
+
+
+def cmd_train_video(args: argparse.Namespace) -> int:
+    from segapp.build import load_model
+    from segapp.cli import pick_device
+    from segapp.video.adapter import AdapterConfig, fit_video_adapter
+
+    acfg = AdapterConfig()
+    changes = {
+        k: getattr(args, k)
+        for k in ("steps", "lr", "presence", "answer_order", "seed", "threads")
+        if getattr(args, k) is not None
+    }
+    acfg = dataclasses.replace(acfg, **changes)
+    acfg.check()  # before the model loads
+    out = Path(args.out)
+    if out.resolve() == Path(args.init_from).resolve():
+        raise InputError("--out must not be the --init-from directory", "--out")
+    bundle = load_model(args.init_from, device=pick_device(args.device))
+    last = fit_video_adapter(bundle, out, acfg, progress=not args.quiet)
+    print(json.dumps({"out": str(out), **last}))
+    return 0
+
+
+def add_train_video_command(sub: Any) -> None:
+    """Add `segapp train-video` to the CLI's subparsers."""
+    t = sub.add_parser(
+        "train-video",
+        help="train a segapp model's video adapter (motion map + video pointer), images untouched",
+        description="Freeze a trained segapp model and train only what video reads: a motion "
+        "map added to each frame token (how it differs from its patch's mean over the frames) "
+        "and a video [SEG] pointer that says where the target is on each frame and whether it "
+        "is there. Image answers and masks stay exactly as they were. The result is a segapp "
+        "weights directory (--out).",
+    )
+    t.add_argument("--init-from", default="tiny", metavar="MODEL", help="preset or weights dir")
+    t.add_argument("--out", required=True, help="weights directory to write")
+    t.add_argument("--steps", type=int, help="synthetic clips, one per step (default 8000)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    t.add_argument(
+        "--presence",
+        type=float,
+        help="probability the video pointer needs on a frame's best token for the frame to keep "
+        "its mask, saved with the model (default 0.2)",
+    )
+    t.add_argument(
+        "--answer-order",
+        choices=list(ANSWER_ORDERS),
+        help="how the model words its answers (default restate, the bundled recipe's)",
+    )
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_video)

@@ -38,6 +38,8 @@ class SegLLM(nn.Module):
         image_pos: nn.Module | None = None,
         seg_pointer: SegPointer | None = None,
         video_seg_pointer: SegPointer | None = None,
+        video_motion: nn.Module | None = None,
+        video_presence: float = 0.0,
         target_head: nn.Module | None = None,
         target_threshold: float = 0.7,
         image_token_id: int,
@@ -58,6 +60,9 @@ class SegLLM(nn.Module):
         self.image_pos = image_pos
         self.seg_pointer = seg_pointer
         self.video_seg_pointer = video_seg_pointer  # None: video uses seg_pointer
+        # video token deviation from its patch's mean over the frames -> added to the token
+        self.video_motion = video_motion
+        self.video_presence = video_presence  # > 0: the video pointer says per frame
         # image token hidden state -> logit that the token lies on what the instruction asks
         # for; a multi-target answer adds the objects it marks (segapp/targets.py)
         self.target_head = target_head
@@ -85,6 +90,14 @@ class SegLLM(nn.Module):
     def video_pointer(self) -> SegPointer | None:
         """The pointer video uses: its own if the model has one, else the image pointer."""
         return self.video_seg_pointer or self.seg_pointer
+
+    def add_motion(self, dense: torch.Tensor) -> torch.Tensor:
+        """T x N x H video tokens (frame t, patch n) -> the same plus their motion: a learnt
+        linear map of each token's deviation from its patch's mean over the T frames (zero
+        where nothing changed). Unchanged without a motion map or with one frame."""
+        if self.video_motion is None or dense.shape[0] < 2:
+            return dense
+        return dense + self.video_motion(dense - dense.mean(0, keepdim=True))
 
     # ---- encoders (expensive, cached by the predictor) -------------------------------------
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:

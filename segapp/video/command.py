@@ -34,9 +34,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--presence",
         type=_ratio,
-        default=0.0,
-        help="with a point track: no mask on a frame where the pointer finds less than this "
-        "share of its best frame's attention (the target is not there; 0 = off, the default)",
+        help="with a point track: no mask on a frame whose presence is below this (the target "
+        "is not there; 0 = off). Presence is the video pointer's probability on the frame's best "
+        "token for a model trained by `segapp train-video` (default: its own threshold), else "
+        "the frame's share of the pointer's attention over its best frame's (default off)",
     )
 
 

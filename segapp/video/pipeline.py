@@ -70,6 +70,14 @@ class VideoSegmenter:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def presence(self) -> float:
+        """The presence a frame needs to keep a `[SEG]`'s mask (0 = off): the options', else
+        the model's own (`video_presence`, set by `segapp train-video`)."""
+        if self.options.presence is not None:
+            return self.options.presence
+        return self.model.video_presence
+
     # ---- pass 1: the frames the LLM reads -------------------------------------------------
     def probe(self, source: str | Path) -> VideoInfo:
         return probe_video(source, max_pixels=self.options.max_pixels)
@@ -118,14 +126,15 @@ class VideoSegmenter:
         the unmerged sequence (and their patch's SAM positional encoding, added before TTM).
         """
         text = check_instruction(instruction)
-        t, n, _ = frames.dense.shape
+        dense = self.model.add_motion(frames.dense)  # a model with a motion map: what changed
+        t, n, _ = dense.shape
         s = frames.sparse.shape[0]
         if merge is None:
-            visual = frames.dense.reshape(t * n, -1)
+            visual = dense.reshape(t * n, -1)
             offsets = torch.arange(t * n)
         else:
             keep_count(n, merge)  # validates K
-            merged = temporal_token_merge(frames.dense, merge)
+            merged = temporal_token_merge(dense, merge)
             visual, offsets = merged.tokens, merged.flat_positions.cpu()
         visual = torch.cat([frames.sparse, visual])
         offsets = torch.cat([torch.arange(s), s + offsets])
@@ -224,7 +233,7 @@ class VideoSegmenter:
 
         Every prompt on every frame goes through SAM's mask decoder in one call (each prompt
         paired with its own frame's embedding; the same masks as one call per frame). With a
-        point track, a frame where a `[SEG]`'s presence is below `options.presence` gets an
+        point track, a frame where a `[SEG]`'s presence is below `self.presence` gets an
         empty mask and score 0 for it.
         """
         m = len(answer.prompts)
@@ -247,13 +256,14 @@ class VideoSegmenter:
         image_of = torch.tensor(rows, device=embedding.device).repeat_interleave(m)
         low, iou = self.model.decode_masks(embedding, prompts, image_of)
         scores = iou[:, 0].float().clamp(0, 1).cpu()
+        presence = self.presence
         out = []
         for j, frame in enumerate(frames):
             mine = slice(j * m, (j + 1) * m)
             logits = postprocess_logits(low[mine], frame.input_size, frame.rgb.shape[:2], size)
             masks, frame_scores = (logits > 0).cpu().numpy(), scores[mine].clone()
-            if answer.track is not None and self.options.presence > 0:
-                absent = (answer.track.present(frame.index) < self.options.presence).numpy()
+            if answer.track is not None and presence > 0:
+                absent = (answer.track.present(frame.index) < presence).numpy()
                 masks[absent] = False  # the pointer finds this [SEG]'s target elsewhere
                 frame_scores[torch.from_numpy(absent)] = 0.0
             out.append((masks, frame_scores.tolist()))

@@ -81,6 +81,13 @@ def frame_presence(grid: torch.Tensor) -> torch.Tensor:
     return mass / mass.amax(-1, keepdim=True)
 
 
+def token_presence(grid: torch.Tensor) -> torch.Tensor:
+    """M x T x N pointer scores -> M x T: the probability of each frame's best token, for a
+    pointer trained per token (`segapp train-video`: sigmoid(score) = the token lies on the
+    target), so a frame without the target scores low whatever the other frames hold."""
+    return torch.sigmoid(grid.amax(-1))
+
+
 def point_track(
     model: SegLLM,
     seg_hidden: torch.Tensor,
@@ -89,7 +96,8 @@ def point_track(
     frames: Sequence[int],
 ) -> PointTrack:
     """Each `[SEG]`'s best patch on every LLM frame (`frames`: their video frame numbers), as
-    SAM points, and how much the pointer finds it on each frame. seg_hidden M x H;
+    SAM points, and how much the pointer finds it on each frame (`token_presence` for a model
+    with a `video_presence` threshold, else `frame_presence`). seg_hidden M x H;
     image_hidden V x H at (frame, patch) `index` (V x 2). A token TTM dropped scores as its
     reference token, so a frame where the target stood still keeps its share."""
     pointer = model.video_pointer
@@ -97,4 +105,5 @@ def point_track(
     t, n = len(frames), model.image_grid_tokens
     grid = pointer_grid(pointer.scores(seg_hidden, image_hidden).float(), index, t, n)
     centres = model.patch_centres(n, model.vision_size)  # best patch: M x T x 2 points
-    return PointTrack(list(frames), centres[grid.argmax(-1)], frame_presence(grid).cpu())
+    presence = token_presence(grid) if model.video_presence > 0 else frame_presence(grid)
+    return PointTrack(list(frames), centres[grid.argmax(-1)], presence.cpu())

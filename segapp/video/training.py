@@ -85,22 +85,25 @@ def make_video_sample(
     )
 
 
-def video_losses(
-    model: SegLLM,
-    sample: VideoSample,
-    chat: ChatFormat,
-    cfg: ModelConfig,
-    tcfg: TrainConfig,
-    aux: AuxHeads | None = None,
-) -> dict[str, torch.Tensor]:
-    """Text CE + 2.0 BCE + 0.5 Dice of one video sample ('video_total' is their weighted sum).
+@dataclass
+class ClipPass:
+    """One teacher-forced LLM pass over a video sample (`clip_pass`)."""
 
-    With `tcfg.video_token_losses` (and the training-only heads `aux`), also the target head's
-    BCE and the `[SEG]` pointer's cross-entropy over every visual token of every LLM frame,
-    the dense "which tokens are the target" signal the image batches get."""
+    ce: torch.Tensor  # text cross-entropy of the answer
+    ids: torch.Tensor  # 1 x L prompt + answer token ids
+    last: torch.Tensor  # 1 x L x H last-layer hidden states
+    slots: torch.Tensor  # L bool (cpu): the visual tokens' positions
+    hidden: torch.Tensor  # S x H hidden states that predicted each [SEG]
+    index: torch.Tensor  # V x 2 (frame, patch) of each visual token the LLM read
+
+
+def clip_pass(
+    model: SegLLM, tokens: torch.Tensor, sample: VideoSample, chat: ChatFormat
+) -> ClipPass:
+    """The LLM reads the T x N frame tokens (DyCoke-merged at `sample.merge`, kept tokens at
+    their unmerged RoPE positions, as `segapp video` does) and the instruction, teacher-forced
+    on the sample's answer."""
     device = model.device
-    feats = model.vision_tower(pixel_values=sample.vision_pixels.to(device)).last_hidden_state
-    tokens = model.project(feats[:, 1:], cfg.vision_image_size)  # T x N x H
     t, n, _ = tokens.shape
     if sample.merge is None:
         visual, offsets, index = tokens.reshape(t * n, -1), torch.arange(t * n), all_tokens(t, n)
@@ -130,6 +133,34 @@ def video_losses(
         attention_mask=mask,
     )
     hidden = last[SegLLM.seg_source_mask(ids, model.seg_token_id)]
+    return ClipPass(ce, ids, last, slots, hidden, index)
+
+
+def video_losses(
+    model: SegLLM,
+    sample: VideoSample,
+    chat: ChatFormat,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    aux: AuxHeads | None = None,
+) -> dict[str, torch.Tensor]:
+    """Text CE + 2.0 BCE + 0.5 Dice of one video sample ('video_total' is their weighted sum).
+
+    With `tcfg.video_token_losses` (and the training-only heads `aux`), also the target head's
+    BCE and the `[SEG]` pointer's cross-entropy over every visual token of every LLM frame,
+    the dense "which tokens are the target" signal the image batches get."""
+    device = model.device
+    feats = model.vision_tower(pixel_values=sample.vision_pixels.to(device)).last_hidden_state
+    tokens = model.add_motion(model.project(feats[:, 1:], cfg.vision_image_size))  # T x N x H
+    run = clip_pass(model, tokens, sample, chat)
+    ce, ids, last, slots, hidden, index = (
+        run.ce,
+        run.ids,
+        run.last,
+        run.slots,
+        run.hidden,
+        run.index,
+    )
     terms = {"video_ce": ce}
     total = tcfg.ce_weight * ce
     track: PointTrack | None = None

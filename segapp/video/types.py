@@ -36,14 +36,15 @@ class VideoOptions:
             "target too rarely, see the tiny model's card)"
         },
     )
-    presence: float = field(
-        default=0.0,
+    presence: float | None = field(
+        default=None,
         metadata={
-            "help": "with point tracks: a frame gets no mask from a [SEG] whose pointer puts "
-            "less than this share of its most-pointed frame's attention there, i.e. the target "
-            "is not in that frame (0 = off, the default: a video pointer trained with "
-            "--video-token-losses puts nearly all its attention on one frame, so the share "
-            "says little)"
+            "help": "with point tracks: a frame gets no mask from a [SEG] whose presence there "
+            "is below this (the target is not in that frame; 0 = off). A model trained by "
+            "`segapp train-video` reads presence as the probability its video pointer gives "
+            "the frame's best token, others as the frame's share of the pointer's attention "
+            "over the most-pointed frame's. None: the model's own `video_presence` (off for "
+            "models without one)"
         },
     )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder and decoder call"})
