@@ -345,13 +345,13 @@ def add_train_video_command(sub: Any) -> None:
     )
     t.add_argument("--init-from", default="tiny", metavar="MODEL", help="preset or weights dir")
     t.add_argument("--out", required=True, help="weights directory to write")
-    t.add_argument("--steps", type=int, help="synthetic clips, one per step (default 8000)")
+    t.add_argument("--steps", type=int, help="synthetic clips, one per step (default 4000)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     t.add_argument(
         "--presence",
         type=float,
         help="probability the video pointer needs on a frame's best token for the frame to keep "
-        "its mask, saved with the model (default 0.2)",
+        "its mask, saved with the model (default 0.3)",
     )
     t.add_argument(
         "--answer-order",

@@ -49,11 +49,11 @@ from segapp.video.training import VideoSample, clip_pass, make_video_sample
 class AdapterConfig:
     """Schedule of `segapp train-video`."""
 
-    steps: int = 8000  # one synthetic clip per step
+    steps: int = 4000  # one synthetic clip per step
     lr: float = 2e-3  # AdamW peak, linear warm-up then cosine decay (as `segapp train`)
     warmup: int = 100
     pointer_width: int = 64  # a fresh video pointer's width (a model's own is kept)
-    presence: float = 0.2  # stored as ModelConfig.video_presence
+    presence: float = 0.3  # stored as ModelConfig.video_presence (chosen on val)
     answer_order: str = "restate"  # how the model answers (the bundled recipe's)
     frames: int = 4  # LLM frames per clip, as `segapp video` reads them by default
     seed: int = 0
