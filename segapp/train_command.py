@@ -1,6 +1,7 @@
-"""`segapp train`: from scratch (a preset) or from loaded weights (`--init-from`).
+"""`segapp train`: from scratch (a preset) or from loaded weights (`--init-from`); and
+`segapp train-video`: a trained model's video adapter (segapp/video/adapter.py).
 
-Registered by segapp.cli with `add_train_command(sub)`.
+Registered by segapp.cli with `add_train_command(sub)` and `add_train_video_command(sub)`.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="add the [SEG] pointer's point track to the [SEG] prompt (models with a pointer; "
-        "default: on for a model with its own video pointer, off for the bundled tiny model, "
-        "whose image pointer finds video targets too rarely)",
+        "default: on for a model with its own video pointer, as the bundled tiny model has, "
+        "off for one whose only pointer is the image pointer, which finds video targets too "
+        "rarely)",
     )
     p.add_argument(
         "--presence",

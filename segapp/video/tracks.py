@@ -41,9 +41,10 @@ def pointer_grid(scores: torch.Tensor, index: torch.Tensor, t: int, n: int) -> t
 @dataclass
 class PointTrack:
     """M x T x 2 points (x, y, SAM input pixels) at video frames `frames` (T increasing), and
-    M x T `presence`: the share of each `[SEG]`'s pointer softmax (over every token of every
-    LLM frame) that falls on each frame, over the share of the frame with most (1 = the
-    frame it points into most; near 0 = it finds nothing there).
+    M x T `presence`: how sure each `[SEG]`'s pointer is that its target is on each frame
+    (`token_presence`: the probability of the frame's best token, for a pointer trained per
+    token by `segapp train-video`; `frame_presence`: the frame's share of the pointer's
+    softmax over the share of the frame with most; near 0 = it finds nothing there).
 
     Other frames interpolate linearly between their neighbours (held at the ends): the pointer
     sees only the sampled frames, the object moves in between."""
