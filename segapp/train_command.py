@@ -322,6 +322,8 @@ def cmd_train_video(args: argparse.Namespace) -> int:
         for k in ("steps", "lr", "presence", "answer_order", "seed", "threads")
         if getattr(args, k) is not None
     }
+    if args.frames:
+        changes["frames"] = tuple(args.frames)
     acfg = dataclasses.replace(acfg, **changes)
     acfg.check()  # before the model loads
     out = Path(args.out)
@@ -358,6 +360,14 @@ def add_train_video_command(sub: Any) -> None:
         "--answer-order",
         choices=list(ANSWER_ORDERS),
         help="how the model words its answers (default restate, the bundled recipe's)",
+    )
+    t.add_argument(
+        "--frames",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="LLM frames per training clip, taken in turn (default 4; `--frames 4 8` also "
+        "trains for `segapp video --frames 8`)",
     )
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")

@@ -59,7 +59,7 @@ def test_train_video_trains_only_the_video_modules_and_saves_a_model(
 
     bundle = load_model(str(random_model_dir))
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
-    acfg = AdapterConfig(steps=6, warmup=2, log_every=3, presence=0.3)
+    acfg = AdapterConfig(steps=6, warmup=2, log_every=3, presence=0.3, frames=(4, 2))
     last = fit_video_adapter(bundle, tmp_path / "v", acfg, progress=False)
     assert last["step"] == 6 and np.isfinite(last["total"])
     after = bundle.model.state_dict()
@@ -103,6 +103,7 @@ def test_adapter_losses_reach_only_the_motion_map_and_the_video_pointer(random_m
         (["--steps", "0"], "--steps must be at least 1"),
         (["--presence", "1.5"], "--presence must be in (0, 1)"),
         (["--lr", "0"], "--lr must be positive"),
+        (["--frames", "4", "17"], "--frames must be from 2 to 16"),
     ],
 )
 def test_train_video_bad_values_are_one_line_exit_2(tmp_path, capsys, args, message) -> None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from segapp.build import Bundle, save_bundle
 from segapp.config import SEGAPP_FORMATS
 from segapp.data.answers import ANSWER_ORDERS
+from segapp.data.videos import FRAMES as CLIP_FRAMES
 from segapp.errors import InputError
 from segapp.modeling.builders import init_weights_
 from segapp.modeling.pointer import SegPointer
@@ -55,7 +56,9 @@ class AdapterConfig:
     pointer_width: int = 64  # a fresh video pointer's width (a model's own is kept)
     presence: float = 0.3  # stored as ModelConfig.video_presence (chosen on val)
     answer_order: str = "restate"  # how the model answers (the bundled recipe's)
-    frames: int = 4  # LLM frames per clip, as `segapp video` reads them by default
+    # LLM frames per clip, taken in turn (4: what `segapp video` reads by default; 8: what
+    # `--frames 8` reads, where merging saves most)
+    frames: tuple[int, ...] = (4,)
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = all cores)
     log_every: int = 100
@@ -70,8 +73,12 @@ class AdapterConfig:
             raise InputError(f"--presence must be in (0, 1), got {self.presence}", "--presence")
         if self.answer_order not in ANSWER_ORDERS:
             raise InputError(f"unknown answer order {self.answer_order!r}", "--answer-order")
-        if self.frames < 2:
-            raise InputError(f"--frames must be at least 2, got {self.frames}", "--frames")
+        if not self.frames or min(self.frames) < 2 or max(self.frames) > CLIP_FRAMES:
+            raise InputError(
+                f"--frames must be from 2 to {CLIP_FRAMES} (a training clip's frames), got "
+                f"{' '.join(map(str, self.frames))}",
+                "--frames",
+            )
 
 
 def add_video_modules(model: SegLLM, width: int) -> list[torch.nn.Parameter]:
@@ -157,7 +164,12 @@ def fit_video_adapter(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, acfg.steps, acfg.warmup, acfg.lr)
         sample = make_video_sample(
-            cfg, acfg.seed, step, dense=acfg.frames, sam_frames=1, answer_order=acfg.answer_order
+            cfg,
+            acfg.seed,
+            step,
+            dense=acfg.frames[step % len(acfg.frames)],
+            sam_frames=1,
+            answer_order=acfg.answer_order,
         )
         terms = adapter_losses(model, sample, bundle.chat, cfg.vision_image_size)
         opt.zero_grad(set_to_none=True)
