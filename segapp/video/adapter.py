@@ -3,9 +3,10 @@
 A tiny LLM reading four frames as 4 x 64 tokens has to compare each patch across frames to
 tell which shape moved fastest, changed colour, grew, appeared or went behind the square;
 trained jointly on images and a share of clips it mostly does not (on the weights bundled
-until 2026-12-06 its `[SEG]` pointer landed on the video target in 37% of the LLM's frames,
-about chance among 2-4 shapes). The video adapter gives it the comparison and a way to say
-where the answer lies, and trains nothing else:
+until 2026-12-06, a pointer trained on its frozen hidden states found the video target in
+37% of the LLM's frames that show it, about chance among 2-4 shapes; 65% with the motion map
+below). The video adapter gives it the comparison and a way to say where the answer lies,
+and trains nothing else:
 
 - a motion map (`SegLLM.video_motion`, `ModelConfig.video_motion`): each frame token plus a
   linear map of its deviation from the same patch's mean over the LLM's frames, before TTM
