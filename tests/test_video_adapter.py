@@ -205,3 +205,22 @@ def test_bundled_video_presence_empties_frames_without_the_target(bundle) -> Non
     assert absent and present
     assert emptied_absent / absent >= 0.5, (emptied_absent, absent)
     assert emptied_present / present <= 0.25, (emptied_present, present)
+
+
+def test_eval_video_reports_the_presence_it_gated_with(bundle) -> None:
+    from segapp.video.evaluate import evaluate_video
+    from segapp.video.pipeline import VideoOptions
+
+    own = evaluate_video(bundle, split="val", limit=2, merges=(None,), progress=False)
+    assert own["presence"] == bundle.model.video_presence == 0.3
+    off = evaluate_video(
+        bundle,
+        split="val",
+        limit=2,
+        merges=(None,),
+        options=VideoOptions(presence=0.0),
+        progress=False,
+    )
+    assert off["presence"] == 0.0
+    for summary in (own, off):
+        assert 0.0 <= summary["settings"]["unmerged"]["J&F"] <= 1.0

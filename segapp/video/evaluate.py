@@ -102,6 +102,7 @@ def evaluate_video(
         "split": split,
         "clips": limit,
         "prune": prune,
+        "presence": seg.presence,  # the threshold frames were gated by (0 = none)
         "settings": settings,
     }
     base = settings.get("unmerged")
