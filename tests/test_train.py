@@ -81,15 +81,12 @@ def _terms_off_stage1_on(tcfg: TrainConfig, **heads: bool):
 
 def test_losses_fall_and_output_loads(tmp_path: Path) -> None:
     logs: list[dict] = []
-    cfg = TrainConfig(
+    cfg = SMALL.replace(
         steps=30,
         sam_warmup_steps=10,
         images_per_batch=4,
         queries_per_image=2,
         log_every=1,
-        workers=0,
-        checkpoint_every=1000,
-        threads=THREADS,
         lr=2e-3,
         warmup=5,
     )

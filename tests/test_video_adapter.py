@@ -89,7 +89,7 @@ def test_adapter_losses_reach_only_the_motion_map_and_the_video_pointer(random_m
     with torch.no_grad():  # a non-zero map, so the gradient reaches through it to the pointer
         b.model.video_motion.weight.normal_(std=0.02)
     sample = make_video_sample(b.config, seed=0, step=2, sam_frames=1, answer_order="restate")
-    terms = adapter_losses(b.model, sample, b.chat, b.config.vision_image_size)
+    terms = adapter_losses(b.model, sample, b.chat)
     assert all(torch.isfinite(v) for v in terms.values()) and terms["where"] > 0
     terms["total"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
@@ -188,9 +188,9 @@ def test_bundled_video_presence_empties_frames_without_the_target(bundle) -> Non
     clips = [c for c in (generate_clip("val", i) for i in range(40)) if c.kind == "appears"][:5]
     assert clips
     for clip in clips:
-        answer = seg.reason(_tokens(seg, clip), clip.instruction, merge=None)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = write_frames(clip, Path(tmp) / "clip")
+            folder = write_frames(clip, Path(tmp) / "clip")  # written once, read twice
+            answer = seg.reason(seg.encode_frames(folder), clip.instruction, merge=None)
             frames = list(seg.iter_sam(folder))
             gated = seg.batch_masks(frames, answer)
             every = off.batch_masks(frames, dataclasses.replace(answer))

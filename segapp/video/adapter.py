@@ -103,18 +103,14 @@ def add_video_modules(model: SegLLM, width: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def adapter_losses(
-    model: SegLLM, sample: VideoSample, chat: ChatFormat, vision_size: int
-) -> dict[str, torch.Tensor]:
+def adapter_losses(model: SegLLM, sample: VideoSample, chat: ChatFormat) -> dict[str, torch.Tensor]:
     """The video pointer's losses on one clip: 'where' (per LLM frame showing the target,
     cross-entropy towards its tokens) and 'present' (per token, BCE: the token is on the
     target as the pointer counts it, a fifth of the patch or the target's most-covered token;
     every token of a frame without the target is off it)."""
     assert model.video_seg_pointer is not None and sample.vision_cover is not None
     with torch.no_grad():  # the frozen encoders
-        pixels = sample.vision_pixels.to(model.device)
-        feats = model.vision_tower(pixel_values=pixels).last_hidden_state
-        tokens = model.project(feats[:, 1:], vision_size)
+        tokens = model.encode_vision(sample.vision_pixels.to(model.device))
     run = clip_pass(model, model.add_motion(tokens), sample, chat)
     if not run.hidden.shape[0]:
         raise ValueError("the clip's answer has no [SEG]")
@@ -172,7 +168,7 @@ def fit_video_adapter(
             sam_frames=1,
             answer_order=acfg.answer_order,
         )
-        terms = adapter_losses(model, sample, bundle.chat, cfg.vision_image_size)
+        terms = adapter_losses(model, sample, bundle.chat)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
