@@ -54,4 +54,6 @@ test: lint browser
 bench: setup
 	$(SEGAPP) bench image
 	$(SEGAPP) bench image --sam vit_b
+	$(SEGAPP) bench video
+	$(SEGAPP) bench video --llm-hidden 1024 --llm-layers 8
 	$(SEGAPP) bench serve

@@ -608,3 +608,48 @@ def test_a_loaded_model_gets_a_fresh_video_pointer_for_fine_tuning(
     assert run([*args, "--video-seg-pointer", "0"]) == 2
     assert "--video-seg-pointer must be at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---- segapp bench video -------------------------------------------------------------------
+@pytest.mark.parametrize("llm_hidden", [None, 32])
+def test_bench_video_reports_kept_tokens_and_cache_per_setting(llm_hidden) -> None:
+    """On the bundled model (video adapter included) and with a swapped-in random LLM: the
+    kept visual tokens are TTM's count, the KV cache shrinks with them."""
+    from segapp.video.bench import bench_video
+
+    out = bench_video(
+        "tiny",
+        frames=4,
+        repeats=1,
+        llm_repeats=0,
+        llm_hidden=llm_hidden,
+        llm_layers=2,
+        max_new_tokens=2,
+    )
+    assert out["llm"]["random_weights"] is bool(llm_hidden)
+    assert out["llm"]["hidden"] == (llm_hidden or 128)
+    per_frame = out["settings"]["unmerged"]["visual_tokens_kept"] // 4
+    assert out["settings"]["unmerged"]["visual_tokens_total"] == 4 * per_frame
+    for k in (0.5, 0.7):
+        assert out["settings"][f"K={k:g}"]["visual_tokens_kept"] == _expected(4, per_frame, k)
+        ratio = out["merged_vs_unmerged"][f"K={k:g}"]
+        assert ratio["kv_cache_reduction"] > 1 and ratio["prefill_speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "0"], "--repeats: must be at least 1"),
+        (["--llm-hidden", "-5"], "--llm-hidden: must be at least 8"),
+        (["--llm-hidden", "64", "--llm-layers", "2", "--prune", "0.5"], "--llm-layers above 3"),
+    ],
+)
+def test_bench_video_bad_values_exit_2(capsys, args, message) -> None:
+    from segapp.cli import run
+
+    try:
+        code = run(["bench", "video", *args])
+    except SystemExit as stop:  # argparse's own refusal
+        code = int(stop.code or 0)
+    assert code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

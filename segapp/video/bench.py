@@ -24,6 +24,18 @@ from segapp.video.evaluate import write_frames
 from segapp.video.pipeline import VideoOptions, VideoSegmenter
 
 
+_LLM_WIDE = (
+    "llm",
+    "projector",
+    "text_hidden_fcs",
+    "image_pos",
+    "seg_pointer",
+    "video_seg_pointer",
+    "video_motion",
+    "target_head",
+)
+
+
 def scale_llm(bundle: Bundle, hidden: int, layers: int) -> None:
     """Swap in a random LLM of width `hidden` and depth `layers` (timing only: no trained
     weights are needed to measure how prefill scales with the visual token count)."""
@@ -37,9 +49,8 @@ def scale_llm(bundle: Bundle, hidden: int, layers: int) -> None:
         max_positions=8192,
     )
     fresh = build_segllm(cfg, bundle.tokenizer).to(bundle.model.device).eval()
-    model = bundle.model
-    model.llm, model.projector = fresh.llm, fresh.projector
-    model.text_hidden_fcs, model.image_pos = fresh.text_hidden_fcs, fresh.image_pos
+    for name in _LLM_WIDE:  # every module that reads or writes LLM-width vectors
+        setattr(bundle.model, name, getattr(fresh, name))
     bundle.config = cfg
 
 

@@ -19,9 +19,21 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _at_least(minimum: int) -> Any:
+    """argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=4, help="frames the LLM sees in full (4)")
-    p.add_argument("--sparse-frames", type=int, default=0, help="extra frames pooled to 1 token")
+    p.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees in full (4)")
+    p.add_argument("--sparse-frames", type=_at_least(0), default=0, help="extra frames pooled to 1 token")
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
     p.add_argument(
         "--point-track",
@@ -121,7 +133,7 @@ def add_video_eval(eval_sub: Any) -> None:
     e.add_argument("--model", default="tiny")
     e.add_argument("--device", default="auto")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--limit", type=int, default=50, help="clips (50)")
+    e.add_argument("--limit", type=_at_least(1), default=50, help="clips (50)")
     e.add_argument("--merge", type=_ratio, action="append", help="K to compare (default 0.7)")
     e.add_argument("--prune", type=_ratio, help="DyCoke KV-pruning ratio P for every setting")
     _sampling_args(e)
@@ -154,22 +166,27 @@ def add_video_bench(bench_sub: Any) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--merge", type=_ratio, action="append", help="K values (default 0.5, 0.7)")
     b.add_argument("--prune", type=_ratio, help="DyCoke KV-pruning ratio P in every setting")
-    b.add_argument("--clip-frames", type=int, default=16, help="frames of the test clip")
-    b.add_argument("--frames", type=int, default=4, help="frames the LLM sees")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--llm-repeats", type=int, default=5, help="extra LLM-only calls per repeat")
-    b.add_argument("--max-new-tokens", type=int, default=48)
+    b.add_argument("--clip-frames", type=_at_least(1), default=16, help="frames of the test clip")
+    b.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees")
+    b.add_argument("--repeats", type=_at_least(1), default=3)
+    b.add_argument("--llm-repeats", type=_at_least(0), default=5, help="extra LLM-only calls per repeat")
+    b.add_argument("--max-new-tokens", type=_at_least(0), default=48)
     b.add_argument(
-        "--llm-hidden", type=int, help="swap in a random LLM of this width (timing only)"
+        "--llm-hidden", type=_at_least(8), help="swap in a random LLM of this width (timing only)"
     )
-    b.add_argument("--llm-layers", type=int, default=8, help="depth of the --llm-hidden LLM")
+    b.add_argument("--llm-layers", type=_at_least(1), default=8, help="depth of the --llm-hidden LLM")
     b.set_defaults(func=cmd_bench_video)
 
 
 def cmd_bench_video(args: argparse.Namespace) -> int:
     from segapp.cli import pick_device
+    from segapp.errors import InputError
     from segapp.video.bench import bench_video
+    from segapp.video.types import VideoOptions
 
+    layer = VideoOptions().prune_layer
+    if args.prune is not None and args.llm_hidden and args.llm_layers <= layer:
+        raise InputError(f"--prune works from LLM layer {layer}: give --llm-layers above {layer}")
     result = bench_video(
         args.model,
         merges=tuple(args.merge or (0.5, 0.7)),
