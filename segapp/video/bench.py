@@ -23,7 +23,6 @@ from segapp.data.videos import generate_clip
 from segapp.video.evaluate import write_frames
 from segapp.video.pipeline import VideoOptions, VideoSegmenter
 
-
 _LLM_WIDE = (
     "llm",
     "projector",

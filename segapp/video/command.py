@@ -33,7 +33,9 @@ def _at_least(minimum: int) -> Any:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees in full (4)")
-    p.add_argument("--sparse-frames", type=_at_least(0), default=0, help="extra frames pooled to 1 token")
+    p.add_argument(
+        "--sparse-frames", type=_at_least(0), default=0, help="extra frames pooled to 1 token"
+    )
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
     p.add_argument(
         "--point-track",
@@ -169,12 +171,16 @@ def add_video_bench(bench_sub: Any) -> None:
     b.add_argument("--clip-frames", type=_at_least(1), default=16, help="frames of the test clip")
     b.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees")
     b.add_argument("--repeats", type=_at_least(1), default=3)
-    b.add_argument("--llm-repeats", type=_at_least(0), default=5, help="extra LLM-only calls per repeat")
+    b.add_argument(
+        "--llm-repeats", type=_at_least(0), default=5, help="extra LLM-only calls per repeat"
+    )
     b.add_argument("--max-new-tokens", type=_at_least(0), default=48)
     b.add_argument(
         "--llm-hidden", type=_at_least(8), help="swap in a random LLM of this width (timing only)"
     )
-    b.add_argument("--llm-layers", type=_at_least(1), default=8, help="depth of the --llm-hidden LLM")
+    b.add_argument(
+        "--llm-layers", type=_at_least(1), default=8, help="depth of the --llm-hidden LLM"
+    )
     b.set_defaults(func=cmd_bench_video)
 
 
