@@ -634,6 +634,11 @@ def test_bench_video_reports_kept_tokens_and_cache_per_setting(llm_hidden) -> No
         assert out["settings"][f"K={k:g}"]["visual_tokens_kept"] == _expected(4, per_frame, k)
         ratio = out["merged_vs_unmerged"][f"K={k:g}"]
         assert ratio["kv_cache_reduction"] > 1 and ratio["prefill_speedup"] > 0
+        text = out["settings"]["unmerged"]["prompt_tokens"] - 4 * per_frame  # not merged
+        merged_prompt = _expected(4, per_frame, k) + text
+        assert out["settings"][f"K={k:g}"]["prompt_tokens"] == merged_prompt
+        bound = (4 * per_frame + text) / merged_prompt
+        assert ratio["prefill_speedup_bound"] == pytest.approx(bound, abs=0.006)
 
 
 @pytest.mark.parametrize(

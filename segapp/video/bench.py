@@ -71,6 +71,7 @@ def _run(
     return {
         "visual_tokens_kept": st["visual_tokens_kept"],
         "visual_tokens_total": st["visual_tokens_total"],
+        "prompt_tokens": st["prompt_tokens"],
         "prefill_s": st["prefill_s"],
         "decode_s": st["decode_s"],
         "new_tokens": st["new_tokens"],
@@ -136,6 +137,8 @@ def bench_video(
     ratios = {
         name: {
             "tokens_kept_share": round(m["visual_tokens_kept"] / base["visual_tokens_kept"], 4),
+            # what the prompt's token count allows a compute-bound prefill (text is not merged)
+            "prefill_speedup_bound": round(base["prompt_tokens"] / m["prompt_tokens"], 2),
             "prefill_speedup": round(base["prefill_s"] / m["prefill_s"], 2),
             "prefill_speedup_min": round(base["prefill_min_s"] / m["prefill_min_s"], 2),
             "decode_speedup": round(base["decode_s"] / m["decode_s"], 2),
@@ -160,7 +163,9 @@ def bench_video(
         "settings": med,
         "merged_vs_unmerged": ratios,
         "note": "ratios are unmerged / merged from this run (prefill: median and minimum over "
-        "pipeline runs plus llm_repeats LLM-only calls per repeat); SAM runs on every frame "
-        "unmerged, so the end-to-end gain is bounded by the LLM's share",
+        "pipeline runs plus llm_repeats LLM-only calls per repeat; prefill_speedup_bound: "
+        "unmerged / merged prompt tokens, what a prefill whose time grows with its tokens "
+        "could reach); SAM runs on every frame unmerged, so the end-to-end gain is bounded "
+        "by the LLM's share",
         "machine": machine(),
     }
