@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import cv2
 import numpy as np
@@ -330,6 +331,55 @@ def test_merged_equals_unmerged_at_k0(bundle, clip_dir) -> None:
     pruned = seg.reason(tokens, "the shape that moves fastest", merge=0.7, prune=0.7)
     assert pruned.stats["visual_tokens_decode"] == round(0.3 * 121)
     assert pruned.stats["prefill_s"] > 0 and pruned.stats["kv_refreshes"] >= 1
+
+
+def test_compiled_prefill_gives_the_eager_answer(bundle, clip_dir) -> None:
+    """`--compile`: the prefill under torch.compile answers as the eager one, merged or not, and
+    its KV cache serves DyCoke's pruned decoding. Compiles once (about 10 s on 2 cores)."""
+    import shutil
+
+    from segapp.modeling.reduction import compiled_prefill
+    from segapp.video.pipeline import VideoOptions, VideoSegmenter
+
+    eager = VideoSegmenter(bundle)
+    fast = VideoSegmenter(bundle, VideoOptions(compile_llm=True))
+    tokens = eager.encode_frames(clip_dir)
+    for merge, prune in ((None, None), (0.7, None), (0.7, 0.7)):
+        a = eager.reason(tokens, "the shape that moves fastest", merge=merge, prune=prune)
+        b = fast.reason(tokens, "the shape that moves fastest", merge=merge, prune=prune)
+        assert a.answer == b.answer
+        assert torch.allclose(a.prompts, b.prompts, atol=1e-4)
+        assert a.stats["kv_cache_bytes"] == b.stats["kv_cache_bytes"]
+        assert a.track is not None and b.track is not None
+        assert torch.allclose(a.track.points, b.track.points, atol=1e-3)
+    if shutil.which("g++") or shutil.which("c++"):  # a CPU compile needs a C++ compiler
+        assert not compiled_prefill.failed
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(bundle, monkeypatch) -> None:
+    from segapp.modeling import reduction
+
+    def broken(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(reduction.torch, "compile", broken)
+    prefill = reduction._CompiledPrefill()
+    llm = bundle.model.llm
+    h, pos = torch.randn(1, 12, 128), torch.arange(12)[None]
+    index = torch.arange(2, 10)
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found.*eagerly"):
+            got = prefill(llm, h, pos, None, index)
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            again = prefill(llm, h, pos, None, index)
+        want = reduction._prefill_layers(llm, h, pos, None, index)
+    assert prefill.failed and not later  # warned once, not on every call
+    for x, y, z in zip(got[:3], again[:3], want[:3], strict=True):
+        assert torch.equal(x, z) and torch.equal(y, z)
 
 
 def test_point_track_follows_every_llm_frame_and_joins_the_prompt(bundle, clip_dir) -> None:

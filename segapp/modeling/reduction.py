@@ -23,6 +23,7 @@ use it.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,78 @@ class _KVStore:
         return sum(
             t.numel() * t.element_size() for t in [*self.keys, *self.values] if t is not None
         )
+
+
+def _prefill_tail(
+    llm: Any, hidden: torch.Tensor, visual_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After the last layer (hidden 1 x n x H): the final-normed last position (1 x H), its
+    logits (1 x V) and the final-normed visual positions `visual_index` (V x H)."""
+    normed = llm.model.norm(hidden[0])
+    last = normed[-1:]
+    return last, llm.lm_head(last), normed.index_select(0, visual_index)
+
+
+def _prefill_layers(
+    llm: Any,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    visual_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any], list[Any]]:
+    """The prefill of a whole prompt (1 x n x H, RoPE positions 1 x n) through every decoder
+    layer of the causal LM `llm`: `_prefill_tail`'s three tensors, then each layer's keys and
+    values."""
+    lm = llm.model
+    cache = _KVStore(len(lm.layers))
+    pe = lm.rotary_emb(hidden, positions)
+    for layer in lm.layers:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            position_embeddings=pe,
+            **{CACHE: cache},
+        )
+    return (*_prefill_tail(llm, hidden, visual_index), cache.keys, cache.values)
+
+
+class _CompiledPrefill:
+    """`_prefill_layers` under `torch.compile` (one graph for every prompt length), made on
+    first use. Fusing the many small operations of a small LLM's layers removes most of
+    their per-operation cost, which merging tokens cannot reduce. If compiling fails (no
+    C++ compiler on a CPU machine, an unsupported model) it warns once and runs eagerly."""
+
+    def __init__(self) -> None:
+        self.fn: Any = None
+        self.failed = False
+
+    def __call__(
+        self,
+        llm: Any,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        visual_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any], list[Any]]:
+        if not self.failed:
+            if self.fn is None:
+                self.fn = torch.compile(_prefill_layers, dynamic=True)
+            try:
+                return self.fn(llm, hidden, positions, mask, visual_index)  # type: ignore[no-any-return]
+            except Exception as exc:  # noqa: BLE001 - any compile failure: fall back
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile of the LLM prefill failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return _prefill_layers(llm, hidden, positions, mask, visual_index)
+
+
+compiled_prefill = _CompiledPrefill()
 
 
 def _causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -164,6 +237,40 @@ def divprune_select(tokens: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def _fastv_prefill(
+    model: SegLLM,
+    h: torch.Tensor,
+    pos: torch.Tensor,
+    vis: torch.Tensor,
+    mask: torch.Tensor | None,
+    fastv: FastV,
+    cache: _KVStore,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill with FastV: layers before `fastv.layer` see every token, the later ones only
+    the kept visual tokens (and every text token). Returns the last layer's output (before the
+    final norm), the kept positions and the kept visual flags; fills `cache`."""
+    lm = model.llm.model
+    pe = lm.rotary_emb(h, pos)
+    att: torch.Tensor | None = None
+    for i, layer in enumerate(lm.layers):
+        if i == fastv.layer and att is not None:
+            keep = _top_visual(att, vis, fastv.keep)
+            h, pos, vis = h[:, keep], pos[:, keep], vis[keep]
+            pe, mask = lm.rotary_emb(h, pos), _prefill_mask(model, h)
+        query = _last_query(layer, h, pe) if i == fastv.layer - 1 else None
+        h = layer(
+            h,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{CACHE: cache},
+            position_embeddings=pe,
+        )
+        if query is not None:
+            att = _attention(query, cache.keys[i], layer)  # type: ignore[arg-type]
+    return h, pos, vis
+
+
 def reduced_generate(
     model: SegLLM,
     embeds: torch.Tensor,
@@ -173,13 +280,15 @@ def reduced_generate(
     max_new_tokens: int = 48,
     fastv: FastV | None = None,
     kv_prune: KVPrune | None = None,
+    compile_prefill: bool = False,
 ) -> ReducedGeneration:
     """Greedy decoding of one sequence with optional FastV and DyCoke KV pruning.
 
     embeds: 1 x L x H input embeddings (visual tokens already spliced in); positions: 1 x L
     long RoPE positions (increasing; gaps where tokens were dropped before the LLM); visual:
     L bool, which positions are visual tokens. Keeps the last-layer hidden state of every step
-    that emits `[SEG]`, as `SegLLM.generate` does.
+    that emits `[SEG]`, as `SegLLM.generate` does. `compile_prefill` (without FastV): the
+    prefill's layers run under `torch.compile` (`compiled_prefill`).
     """
     lm = model.llm.model
     layers = list(lm.layers)
@@ -193,30 +302,17 @@ def reduced_generate(
     cache = _KVStore(len(layers))
     h, pos, vis = embeds, positions, visual.to(embeds.device)
     visual_in = int(vis.sum())
-    pe = lm.rotary_emb(h, pos)
     mask = _prefill_mask(model, h)
-    att: torch.Tensor | None = None
-    for i, layer in enumerate(layers):
-        if fastv is not None and i == fastv.layer and att is not None:
-            keep = _top_visual(att, vis, fastv.keep)
-            h, pos, vis = h[:, keep], pos[:, keep], vis[keep]
-            pe, mask = lm.rotary_emb(h, pos), _prefill_mask(model, h)
-        query = _last_query(layer, h, pe) if fastv and i == fastv.layer - 1 else None
-        h = layer(
-            h,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            **{CACHE: cache},
-            position_embeddings=pe,
+    if fastv is not None:
+        h, pos, vis = _fastv_prefill(model, h, pos, vis, mask, fastv, cache)
+        hidden, logits, image_hidden = _prefill_tail(model.llm, h, vis.nonzero()[:, 0])
+    else:  # the whole prompt through every layer
+        run = compiled_prefill if compile_prefill else _prefill_layers
+        hidden, logits, image_hidden, cache.keys, cache.values = run(
+            model.llm, h, pos, mask, vis.nonzero()[:, 0]
         )
-        if query is not None:
-            att = _attention(query, cache.keys[i], layer)  # type: ignore[arg-type]
-    hidden = lm.norm(h[:, -1])
-    logits = model.llm.lm_head(hidden)
-    image_hidden = lm.norm(h[0, vis]) if model.seg_pointer is not None else None
     visual_positions = pos[0, vis]
-    prefill_len = h.shape[1]
+    prefill_len = pos.shape[1]
     kv_bytes = cache.nbytes()
     t1 = time.perf_counter()
 
@@ -273,6 +369,6 @@ def reduced_generate(
         visual_decode=n_keep,
         kv_refreshes=refreshes,
         kv_cache_bytes=kv_bytes,
-        image_hidden=image_hidden,
+        image_hidden=image_hidden if model.seg_pointer is not None else None,
         visual_positions=visual_positions,
     )

@@ -94,6 +94,7 @@ def bench_video(
     llm_hidden: int | None = None,
     llm_layers: int = 8,
     max_new_tokens: int = 48,
+    compile_llm: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Medians per setting and unmerged / merged ratios, one JSON-ready dict."""
@@ -101,7 +102,10 @@ def bench_video(
     if llm_hidden:
         scale_llm(bundle, llm_hidden, llm_layers)
     seg = VideoSegmenter(
-        bundle, VideoOptions(dense_frames=dense_frames, max_new_tokens=max_new_tokens)
+        bundle,
+        VideoOptions(
+            dense_frames=dense_frames, max_new_tokens=max_new_tokens, compile_llm=compile_llm
+        ),
     )
     clip = generate_clip("test", 0, frames=frames)
     settings: list[float | None] = [None, *merges]
@@ -159,6 +163,7 @@ def bench_video(
         "clip_frames": frames,
         "llm_frames": dense_frames,
         "prune": prune,
+        "compiled_prefill": compile_llm,
         "repeats": repeats,
         "settings": med,
         "merged_vs_unmerged": ratios,

@@ -159,6 +159,7 @@ class VideoSegmenter:
             slots,
             max_new_tokens=self.options.max_new_tokens,
             kv_prune=kv,
+            compile_prefill=self.options.compile_llm,
         )
         answer = chat.decode(gen.token_ids)
         # One-Token-Seg-All: the same [SEG] prompt goes to every frame; the pointer's point (a

@@ -47,6 +47,15 @@ class VideoOptions:
             "models without one)"
         },
     )
+    compile_llm: bool = field(
+        default=False,
+        metadata={
+            "help": "run the LLM prefill's layers under torch.compile (one compile of about "
+            "10 s on first use, for every prompt length; needs a C++ compiler on CPU, falls "
+            "back to eager with a warning): faster, and the gain from merging comes closer "
+            "to what the token count allows"
+        },
+    )
     sam_batch: int = field(default=8, metadata={"help": "frames per SAM encoder and decoder call"})
     overlay_max_side: int = field(default=1280, metadata={"help": "overlay video size limit"})
     max_pixels: int = field(default=MAX_FRAME_PIXELS, metadata={"help": "largest frame"})
