@@ -271,6 +271,7 @@ def _fastv_prefill(
     return h, pos, vis
 
 
+@torch.inference_mode()
 def reduced_generate(
     model: SegLLM,
     embeds: torch.Tensor,
