@@ -119,7 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "projector_norm": args.projector_norm or None,
         "prefix_attention": args.prefix_attention or None,
         "chat_format": args.chat_format,
+        "llm_layers": args.llm_layers,
     }
+    if args.llm_layers is not None and args.llm_layers < 1:
+        raise InputError(f"--llm-layers must be at least 1, got {args.llm_layers}", "--llm-layers")
     if args.video_seg_pointer is not None:
         if args.video_seg_pointer < 1:
             raise InputError(
@@ -279,6 +282,12 @@ def add_train_command(sub: Any) -> None:
         choices=["patch", "conv", "conv4"],
         help="vision tower input layer of a model built from scratch: patch (default), conv "
         "(3 x 3 stride-2 convolutions) or conv4 (a 4 x 4 patchify layer, then conv's; ~3x cheaper)",
+    )
+    t.add_argument(
+        "--llm-layers",
+        type=int,
+        metavar="N",
+        help="decoder layers of the LLM of a model built from scratch (tiny: 4)",
     )
     t.add_argument(
         "--projector-norm",

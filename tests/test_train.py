@@ -490,3 +490,20 @@ def test_the_target_head_is_saved_with_the_model_only_when_trained(tmp_path: Pat
     train(tmp_path / "plain", model_cfg=TINY, train_cfg=small, progress=False)
     plain = load_bundle(tmp_path / "plain")
     assert not plain.config.target_head and plain.model.target_head is None
+
+
+def test_llm_layers_shapes_a_model_built_from_scratch(tmp_path: Path, capsys) -> None:
+    from segapp.cli import run
+
+    out = tmp_path / "deep"
+    common = ["--steps", "2", "--sam-warmup-steps", "0", "--workers", "0"]
+    assert run(["train", "--out", str(out), "--llm-layers", "2", *common]) == 0
+    capsys.readouterr()
+    bundle = load_bundle(out)
+    assert bundle.config.llm_layers == 2 and len(bundle.model.llm.model.layers) == 2
+    assert run(["train", "--out", str(tmp_path / "none"), "--llm-layers", "0", *common]) == 2
+    assert "--llm-layers must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    again = ["train", "--init-from", str(out), "--llm-layers", "6", "--out", str(tmp_path / "x")]
+    assert run([*again, *common]) == 2
+    assert "--llm-layers applies to a model built from scratch" in capsys.readouterr().err
