@@ -104,13 +104,17 @@ def _prefill_tail(
     return last, llm.lm_head(last), normed.index_select(0, visual_index)
 
 
+# last hidden state, its logits, visual tokens' hidden states, per-layer keys, per-layer values
+Prefilled = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any], list[Any]]
+
+
 def _prefill_layers(
     llm: Any,
     hidden: torch.Tensor,
     positions: torch.Tensor,
     mask: torch.Tensor | None,
     visual_index: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any], list[Any]]:
+) -> Prefilled:
     """The prefill of a whole prompt (1 x n x H, RoPE positions 1 x n) through every decoder
     layer of the causal LM `llm`: `_prefill_tail`'s three tensors, then each layer's keys and
     values."""
@@ -139,19 +143,13 @@ class _CompiledPrefill:
         self.fn: Any = None
         self.failed = False
 
-    def __call__(
-        self,
-        llm: Any,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
-        visual_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any], list[Any]]:
+    def __call__(self, *args: Any) -> Prefilled:
+        """`_prefill_layers(*args)`, compiled."""
         if not self.failed:
             if self.fn is None:
                 self.fn = torch.compile(_prefill_layers, dynamic=True)
             try:
-                return self.fn(llm, hidden, positions, mask, visual_index)  # type: ignore[no-any-return]
+                return self.fn(*args)  # type: ignore[no-any-return]
             except Exception as exc:  # noqa: BLE001 - any compile failure: fall back
                 self.failed = True
                 warnings.warn(
@@ -160,7 +158,7 @@ class _CompiledPrefill:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return _prefill_layers(llm, hidden, positions, mask, visual_index)
+        return _prefill_layers(*args)
 
 
 compiled_prefill = _CompiledPrefill()
