@@ -15,6 +15,9 @@ it had in the unreduced sequence, so dropping tokens never shifts what follows.
   is gathered, never deleted). The kept set is recomputed only when the attention pattern
   changed (cosine similarity with the previous step below ``refresh_below``).
 
+Without FastV the prefill is one function over every layer (`_prefill_layers`), which video
+can run under `torch.compile` (`compiled_prefill`, `segapp video --compile`).
+
 Without FastV and KV pruning, `reduced_generate` computes what the plain prefill + decode does
 (up to float rounding of a differently shaped causal mask); the default image path does not
 use it.
@@ -234,7 +237,6 @@ def divprune_select(tokens: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen), dtype=torch.long, device=tokens.device)
 
 
-@torch.inference_mode()
 def _fastv_prefill(
     model: SegLLM,
     h: torch.Tensor,
