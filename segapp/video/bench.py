@@ -20,6 +20,7 @@ import torch
 from segapp.benchmarks import machine
 from segapp.build import Bundle, load_model
 from segapp.data.videos import generate_clip
+from segapp.modeling.reduction import compiled_prefill
 from segapp.video.evaluate import write_frames
 from segapp.video.pipeline import VideoOptions, VideoSegmenter
 
@@ -163,7 +164,8 @@ def bench_video(
         "clip_frames": frames,
         "llm_frames": dense_frames,
         "prune": prune,
-        "compiled_prefill": compile_llm,
+        # False if asked for but compiling failed (it then ran eagerly, with a warning)
+        "compiled_prefill": compile_llm and not compiled_prefill.failed,
         "repeats": repeats,
         "settings": med,
         "merged_vs_unmerged": ratios,
