@@ -11,14 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from segapp.argtypes import at_least
 from segapp.errors import InputError
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _service_args(sp: argparse.ArgumentParser) -> None:
@@ -30,9 +24,11 @@ def _service_args(sp: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="auto: bf16 (or fp16) on CUDA, the weights' dtype on CPU",
     )
-    sp.add_argument("--max-pixels", type=_positive, default=16_000_000, help="refuse larger images")
-    sp.add_argument("--max-pending", type=_positive, default=16, help="queue size before 503")
-    sp.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together")
+    sp.add_argument(
+        "--max-pixels", type=at_least(1), default=16_000_000, help="refuse larger images"
+    )
+    sp.add_argument("--max-pending", type=at_least(1), default=16, help="queue size before 503")
+    sp.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together")
     sp.add_argument("--concepts", help="per-user concept store (default <weights>/adapters)")
 
 
@@ -58,7 +54,7 @@ def add_serve_commands(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--tokens", help="file of 'token user' lines: require bearer tokens")
-    s.add_argument("--max-upload-mb", type=_positive, default=64, help="request body limit")
+    s.add_argument("--max-upload-mb", type=at_least(1), default=64, help="request body limit")
     _service_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -117,10 +113,10 @@ def add_serve_bench(bench_sub: Any) -> None:
         "serve", help="load test of `segapp serve` on loopback: p50/p95 latency, throughput, 503s"
     )
     b.add_argument("--model", default="tiny")
-    b.add_argument("--clients", type=_positive, default=20, help="concurrent clients (20)")
-    b.add_argument("--requests", type=_positive, default=5, help="requests per client (5)")
-    b.add_argument("--max-pending", type=_positive, default=16, help="server queue size")
-    b.add_argument("--max-batch", type=_positive, default=8, help="server batch size")
+    b.add_argument("--clients", type=at_least(1), default=20, help="concurrent clients (20)")
+    b.add_argument("--requests", type=at_least(1), default=5, help="requests per client (5)")
+    b.add_argument("--max-pending", type=at_least(1), default=16, help="server queue size")
+    b.add_argument("--max-batch", type=at_least(1), default=8, help="server batch size")
     b.add_argument("--url", help="bench a running server instead of starting one")
     b.set_defaults(func=cmd_bench_serve)
 

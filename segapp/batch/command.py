@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from segapp.argtypes import at_least
 from segapp.batch.job import DEFAULT_FORMATS, FORMATS
 
 
@@ -22,13 +23,6 @@ def _formats(text: str) -> tuple[str, ...]:
             + ",".join(FORMATS)
         )
     return names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_batch_command(sub: Any) -> None:
@@ -51,17 +45,17 @@ def add_batch_command(sub: Any) -> None:
     b.add_argument("--resume", action="store_true", help="continue a run in --out, skip done")
     b.add_argument("--engine", default="local", choices=["local", "ray"])
     b.add_argument("--address", help="Ray cluster address for --engine ray (e.g. ray://head:10001)")
-    b.add_argument("--actors", type=_positive, default=1, help="Ray model actors (default 1)")
-    b.add_argument("--batch-size", type=_positive, default=8, help="images per model call")
+    b.add_argument("--actors", type=at_least(1), default=1, help="Ray model actors (default 1)")
+    b.add_argument("--batch-size", type=at_least(1), default=8, help="images per model call")
     b.add_argument(
         "--formats",
         type=_formats,
         default=DEFAULT_FORMATS,
         help=f"comma list of {','.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)})",
     )
-    b.add_argument("--workers", type=_positive, default=2, help="image loader threads")
+    b.add_argument("--workers", type=at_least(1), default=2, help="image loader threads")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1 on CPU)")
-    b.add_argument("--max-new-tokens", type=_positive, default=48, help="answer length limit")
+    b.add_argument("--max-new-tokens", type=at_least(1), default=48, help="answer length limit")
     b.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -118,8 +112,8 @@ def add_batch_bench(bench_sub: Any) -> None:
         "batch", help="images/s of a naive loop, the local engine and the Ray engine"
     )
     bb.add_argument("--model", default="tiny")
-    bb.add_argument("--images", type=_positive, default=200, help="generated images (200)")
-    bb.add_argument("--batch-size", type=_positive, default=8)
+    bb.add_argument("--images", type=at_least(1), default=200, help="generated images (200)")
+    bb.add_argument("--batch-size", type=at_least(1), default=8)
     bb.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     bb.add_argument("--keep", help="keep the images and outputs in this folder")
     bb.set_defaults(func=cmd_bench_batch)

@@ -11,24 +11,14 @@ import json
 import sys
 from typing import Any
 
+from segapp.argtypes import at_least
+
 
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
-
-
-def _at_least(minimum: int) -> Any:
-    """argparse type: an integer of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 _COMPILE_HELP = (
@@ -38,9 +28,9 @@ _COMPILE_HELP = (
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees in full (4)")
+    p.add_argument("--frames", type=at_least(1), default=4, help="frames the LLM sees in full (4)")
     p.add_argument(
-        "--sparse-frames", type=_at_least(0), default=0, help="extra frames pooled to 1 token"
+        "--sparse-frames", type=at_least(0), default=0, help="extra frames pooled to 1 token"
     )
     p.add_argument("--sampling", default="uniform", choices=["uniform", "sparse-dense"])
     p.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
@@ -143,7 +133,7 @@ def add_video_eval(eval_sub: Any) -> None:
     e.add_argument("--model", default="tiny")
     e.add_argument("--device", default="auto")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--limit", type=_at_least(1), default=50, help="clips (50)")
+    e.add_argument("--limit", type=at_least(1), default=50, help="clips (50)")
     e.add_argument("--merge", type=_ratio, action="append", help="K to compare (default 0.7)")
     e.add_argument("--prune", type=_ratio, help="DyCoke KV-pruning ratio P for every setting")
     _sampling_args(e)
@@ -176,18 +166,18 @@ def add_video_bench(bench_sub: Any) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--merge", type=_ratio, action="append", help="K values (default 0.5, 0.7)")
     b.add_argument("--prune", type=_ratio, help="DyCoke KV-pruning ratio P in every setting")
-    b.add_argument("--clip-frames", type=_at_least(1), default=16, help="frames of the test clip")
-    b.add_argument("--frames", type=_at_least(1), default=4, help="frames the LLM sees")
-    b.add_argument("--repeats", type=_at_least(1), default=3)
+    b.add_argument("--clip-frames", type=at_least(1), default=16, help="frames of the test clip")
+    b.add_argument("--frames", type=at_least(1), default=4, help="frames the LLM sees")
+    b.add_argument("--repeats", type=at_least(1), default=3)
     b.add_argument(
-        "--llm-repeats", type=_at_least(0), default=5, help="extra LLM-only calls per repeat"
+        "--llm-repeats", type=at_least(0), default=5, help="extra LLM-only calls per repeat"
     )
-    b.add_argument("--max-new-tokens", type=_at_least(0), default=48)
+    b.add_argument("--max-new-tokens", type=at_least(0), default=48)
     b.add_argument(
-        "--llm-hidden", type=_at_least(8), help="swap in a random LLM of this width (timing only)"
+        "--llm-hidden", type=at_least(8), help="swap in a random LLM of this width (timing only)"
     )
     b.add_argument(
-        "--llm-layers", type=_at_least(1), default=8, help="depth of the --llm-hidden LLM"
+        "--llm-layers", type=at_least(1), default=8, help="depth of the --llm-hidden LLM"
     )
     b.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
     b.set_defaults(func=cmd_bench_video)
