@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segapp.argtypes import at_least
 from segapp.config import SEGAPP_FORMATS
 from segapp.data.answers import ANSWER_ORDERS, MULTI_ORDERS
 from segapp.data.videos import FRAMES as CLIP_FRAMES
@@ -58,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k in (
             "steps",
             "sam_warmup_steps",
+            "images_per_batch",
+            "queries_per_image",
             "lr",
             "threads",
             "workers",
@@ -199,6 +202,16 @@ def add_train_command(sub: Any) -> None:
     t.add_argument("--out", default="runs/tiny")
     t.add_argument("--steps", type=int)
     t.add_argument("--sam-warmup-steps", type=int)
+    t.add_argument(
+        "--images-per-batch",
+        type=at_least(1),
+        help="scenes per step; both image encoders run once per scene (default 8)",
+    )
+    t.add_argument(
+        "--queries-per-image",
+        type=at_least(1),
+        help="instructions per scene, each its own conversation for the LLM (default 3)",
+    )
     t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     t.add_argument(
         "--video-fraction",

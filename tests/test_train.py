@@ -507,3 +507,35 @@ def test_llm_layers_shapes_a_model_built_from_scratch(tmp_path: Path, capsys) ->
     again = ["train", "--init-from", str(out), "--llm-layers", "6", "--out", str(tmp_path / "x")]
     assert run([*again, *common]) == 2
     assert "--llm-layers applies to a model built from scratch" in capsys.readouterr().err
+
+
+def test_batch_shape_flags_set_scenes_and_conversations_per_step(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import segapp.train as training
+    from segapp.cli import run
+
+    seen: list[tuple[int, int]] = []
+    real = training.forward_losses
+
+    def spy(model, aux, batch, *args, **kwargs):
+        seen.append((batch.vision_pixels.shape[0], batch.input_ids.shape[0]))
+        return real(model, aux, batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "forward_losses", spy)
+    out = tmp_path / "shape"
+    flags = ["--images-per-batch", "2", "--queries-per-image", "4"]
+    common = ["--steps", "2", "--sam-warmup-steps", "0", "--workers", "0", "--video-fraction", "0"]
+    assert run(["train", "--out", str(out), *flags, *common]) == 0
+    capsys.readouterr()
+    # two scenes a step, each with several distinct instructions (up to four)
+    assert len(seen) == 2 and all(scenes == 2 and 2 < convs <= 8 for scenes, convs in seen)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["images_per_batch"], saved["queries_per_image"]) == (2, 4)
+    try:
+        code = run(["train", "--out", str(tmp_path / "none"), "--queries-per-image", "0"])
+    except SystemExit as stop:  # argparse's own refusal
+        code = int(stop.code or 0)
+    assert code == 2
+    assert "--queries-per-image: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
