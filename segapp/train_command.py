@@ -200,8 +200,10 @@ def add_train_command(sub: Any) -> None:
     t.add_argument("--sam", help="segment-anything .pth (required for a plain LLaVA folder)")
     t.set_defaults(load_in_8bit=False, load_in_4bit=False)
     t.add_argument("--out", default="runs/tiny")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--sam-warmup-steps", type=int)
+    t.add_argument("--steps", type=at_least(0), help="joint-stage steps (default 2500)")
+    t.add_argument(
+        "--sam-warmup-steps", type=at_least(0), help="stage-1 steps, SAM alone (default 300)"
+    )
     t.add_argument(
         "--images-per-batch",
         type=at_least(1),
@@ -370,7 +372,7 @@ def add_train_video_command(sub: Any) -> None:
     )
     t.add_argument("--init-from", default="tiny", metavar="MODEL", help="preset or weights dir")
     t.add_argument("--out", required=True, help="weights directory to write")
-    t.add_argument("--steps", type=int, help="synthetic clips, one per step (default 4000)")
+    t.add_argument("--steps", type=at_least(0), help="synthetic clips, one per step (default 4000)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     t.add_argument(
         "--presence",

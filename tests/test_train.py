@@ -539,3 +539,11 @@ def test_batch_shape_flags_set_scenes_and_conversations_per_step(
     assert code == 2
     assert "--queries-per-image: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+    for command in (["train"], ["train", "--sam-warmup-steps", "2"], ["train-video"]):
+        try:  # a negative count used to train nothing and save the untrained model
+            code = run([*command, "--out", str(tmp_path / "none"), "--steps", "-3"])
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+        assert code == 2
+        assert "--steps: must be at least 0" in capsys.readouterr().err
+        assert not (tmp_path / "none").exists()
